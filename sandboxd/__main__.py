@@ -1,0 +1,3 @@
+from sandboxd.cli import main
+
+raise SystemExit(main())
