@@ -6,9 +6,9 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Any, Mapping
 
+from sandboxd.policy_files import read_policy_file
 from sandboxd.units import UnitError, parse_count, parse_seconds, parse_size_bytes
 
 
@@ -99,5 +99,5 @@ def load_limit_policy(text: str, where: str) -> LimitPolicy:
 
 @lru_cache(maxsize=1)
 def default_limit_policy() -> LimitPolicy:
-    text = resources.files("sandboxd.policies").joinpath("limits.toml").read_text()
+    text = read_policy_file("limits.toml")
     return load_limit_policy(text, "policies/limits.toml")

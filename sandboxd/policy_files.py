@@ -1,0 +1,14 @@
+"""Access to the files in policies/, installed (as the sandboxd.policies package) or in a checkout."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def read_policy_file(filename: str) -> str:
+    try:
+        return resources.files("sandboxd.policies").joinpath(filename).read_text()
+    except ModuleNotFoundError:
+        # Running from a source tree on sys.path: policies/ sits beside the package.
+        return (Path(__file__).resolve().parent.parent / "policies" / filename).read_text()

@@ -1,0 +1,154 @@
+"""The container's filesystem: a size-capped tmpfs for the writable layers, the image's
+read-only lower dirs under OverlayFS, fresh /proc and /dev, then pivot_root into it.
+
+Runs in the container's init, inside its own user and mount namespaces, before any job
+code: nothing here touches the host's mount table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sandboxd.images import ImageMount
+from sandboxd.runtime.libc import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    mount,
+    pivot_root,
+    umount2,
+)
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_SYMLINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                ("stderr", "/proc/self/fd/2"))
+# /proc entries that leak host information or offer host-wide knobs (runc's list).
+PROC_MASKED_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug")
+PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
+PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
+
+
+class MountPlanError(ValueError):
+    """A path cannot be passed to OverlayFS safely."""
+
+
+@dataclass(frozen=True)
+class RootfsPlan:
+    scratch_dir: str  # an existing empty host directory; our tmpfs is mounted over it, privately
+    image_mounts: tuple[ImageMount, ...]
+    writable_layer_bytes: int
+    shm_bytes: int
+    workdir: str
+    job_uid: int
+    job_gid: int
+
+    def __post_init__(self) -> None:
+        for image_mount in self.image_mounts:
+            for path in (image_mount.target, *image_mount.lowerdirs):
+                # OverlayFS splits its options on ',' and lowerdir on ':'.
+                if not path.startswith("/") or any(char in path for char in ",:\\\n"):
+                    raise MountPlanError(f"path {path!r} cannot be used in an overlay mount")
+        if not self.image_mounts or self.image_mounts[0].target != "/":
+            raise MountPlanError("an image's first mount must be its root '/'")
+
+
+def _mount_overlays(plan: RootfsPlan, root: str) -> None:
+    for index, image_mount in enumerate(plan.image_mounts):
+        upper = f"{plan.scratch_dir}/upper{index}"
+        work = f"{plan.scratch_dir}/work{index}"
+        os.mkdir(upper, 0o755)
+        os.mkdir(work, 0o700)
+        target = root if image_mount.target == "/" else root + image_mount.target
+        options = f"lowerdir={':'.join(image_mount.lowerdirs)},upperdir={upper},workdir={work},userxattr"
+        mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
+
+
+def _mount_proc(root: str) -> None:
+    proc = f"{root}/proc"
+    mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in PROC_MASKED_FILES:
+        path = f"{proc}/{name}"
+        if os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+    for name in PROC_MASKED_DIRS:
+        path = f"{proc}/{name}"
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0")
+    for name in PROC_READ_ONLY:
+        path = f"{proc}/{name}"
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _mount_dev(plan: RootfsPlan, root: str) -> None:
+    dev = f"{root}/dev"
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in DEVICES:
+        node = f"{dev}/{name}"
+        os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666))
+        # Bind mounts of the host's nodes: a user namespace may not mknod real devices.
+        mount(f"/dev/{name}", node, None, MS_BIND)
+    for name, target in DEV_SYMLINKS:
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/shm")
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={plan.shm_bytes},mode=1777")
+
+
+def build_rootfs(plan: RootfsPlan) -> None:
+    """Assemble the container's root and pivot into it; afterwards '/' is the container."""
+    # Our mounts must never propagate back to the host, nor the host's into us.
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", plan.scratch_dir, "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={plan.writable_layer_bytes},mode=0755")
+    root = f"{plan.scratch_dir}/root"
+    os.mkdir(root, 0o755)
+    _mount_overlays(plan, root)
+    _mount_proc(root)
+    _mount_dev(plan, root)
+    workdir = f"{root}{plan.workdir}"
+    os.makedirs(workdir, 0o755, exist_ok=True)
+    os.chown(workdir, plan.job_uid, plan.job_gid)
+    os.chdir(root)
+    pivot_root(".", ".")
+    umount2(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int, uid: int, gid: int) -> None:
+    """Write a copied-in file below the work directory, inside the container.
+
+    Runs after pivot_root, in the job's namespaces, and walks with O_NOFOLLOW so
+    nothing can redirect the write; the path was validated at the edge.
+    """
+    directory_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        *parents, name = relative_path.split("/")
+        for part in parents:
+            try:
+                os.mkdir(part, 0o755, dir_fd=directory_fd)
+                os.chown(part, uid, gid, dir_fd=directory_fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory_fd)
+            os.close(directory_fd)
+            directory_fd = next_fd
+        file_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode & 0o777,
+                          dir_fd=directory_fd)
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(file_fd, view):]
+            os.fchown(file_fd, uid, gid)
+            os.fchmod(file_fd, mode & 0o777)
+        finally:
+            os.close(file_fd)
+    finally:
+        os.close(directory_fd)
