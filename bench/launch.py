@@ -33,11 +33,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--warm", type=int, default=1, help="prepared containers kept ready (0: cold starts)")
     args = parser.parse_args()
     if not shutil.which("bwrap"):
         raise SystemExit("bench needs bubblewrap (apt-get install bubblewrap) as the peer")
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
-    runtime = Runtime(state_dir=state_dir)
+    runtime = Runtime(state_dir=state_dir, warm_containers=args.warm)
     limits = default_limit_policy().defaults
     ours: list[float] = []
     peer: list[float] = []
@@ -54,12 +55,13 @@ def main() -> None:
             ours.append(ours_ms)
             peer.append(peer_ms)
     ratios = [a / b for a, b in zip(ours, peer)]
-    print(f"runs: {args.runs} each, interleaved")
+    print(f"runs: {args.runs} each, interleaved; warm containers: {args.warm}")
     print(f"sandboxd Runtime.run /bin/true: p50 {percentile(ours, 0.5):.2f} ms  p90 {percentile(ours, 0.9):.2f} ms")
     print(f"bwrap --unshare-all /bin/true:  p50 {percentile(peer, 0.5):.2f} ms  p90 {percentile(peer, 0.9):.2f} ms")
     print(f"ratio sandboxd/bwrap: p50 {percentile(ours, 0.5) / percentile(peer, 0.5):.2f}  "
           f"p90 {percentile(ours, 0.9) / percentile(peer, 0.9):.2f}  "
           f"median of pairwise ratios {statistics.median(ratios):.2f}")
+    runtime.close()
 
 
 if __name__ == "__main__":

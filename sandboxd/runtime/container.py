@@ -1,22 +1,31 @@
 """The child side of a launch: everything between clone() and the job's execve().
 
-Order follows runc, crun and bubblewrap: wait until the parent has written the id maps and
-placed us in the job's cgroup; new cgroup namespace; filesystem and pivot_root; hostname and
-loopback; then fork the job, which takes its stdio, rlimits, uid, drops every capability,
-sets no_new_privs, loads seccomp last and execs. This process stays as the job's PID 1.
+Two phases, so a container can be prepared before its job exists (a warm container):
+1. prepare: wait until the parent has written the id maps and placed us in a cgroup; build
+   the filesystem (OverlayFS, /proc, /dev) and pivot_root; bring up loopback.
+2. take the job's order from the parent (argv, env, files, limits, stdio fds), enter a new
+   cgroup namespace, write the input files; take the job's rlimits and uid, drop every
+   capability, set no_new_privs, load seccomp last, and spawn the job.
+This process stays behind as the job's PID 1, and hands the job its whole context (uid,
+rlimits, seccomp) by taking it on itself before a vfork-style spawn of the job.
+The order follows runc, crun and bubblewrap.
 """
 
 from __future__ import annotations
 
+import array
 import os
+import pickle
 import resource
 import signal
+import socket
+import struct
 from dataclasses import dataclass
 from typing import NoReturn
 
 from sandboxd.job import InputFile
 from sandboxd.runtime import libc
-from sandboxd.runtime.mnt import RootfsPlan, build_rootfs, write_input_file
+from sandboxd.runtime.mnt import RootfsPlan, build_rootfs, resize_writable_layer, write_input_file
 from sandboxd.runtime.net import bring_up_loopback
 from sandboxd.runtime.pid import (
     REPORT_EXEC_FAILED,
@@ -24,42 +33,81 @@ from sandboxd.runtime.pid import (
     ignore_job_signals,
     run_init,
 )
-from sandboxd.runtime.seccomp import PreparedFilter
+from sandboxd.runtime.seccomp import compiled_filter
 from sandboxd.runtime.user import IdMapping, become_job_user, become_setup_identity
 
-NAMESPACE_FLAGS = (
-    libc.CLONE_NEWUSER
-    | libc.CLONE_NEWNS
-    | libc.CLONE_NEWPID
-    | libc.CLONE_NEWIPC
-    | libc.CLONE_NEWUTS
-    | libc.CLONE_NEWNET
-)
+# Only what clone() alone can do: PID 1 of a new PID namespace, in a new user namespace.
+CLONE_FLAGS = libc.CLONE_NEWUSER | libc.CLONE_NEWPID
+# The rest the child makes itself, owned by its user namespace; creating a network
+# namespace is the slowest step of a launch, and so it runs in the child, not the parent.
+UNSHARE_FLAGS = libc.CLONE_NEWNS | libc.CLONE_NEWNET | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
+_ORDER_HEADER = struct.Struct("=Q")
+_ORDER_FDS = 3  # stdin, stdout, stderr
 
 
 @dataclass(frozen=True)
 class ContainerPlan:
+    """What a container is built from, known before its job: image, identities, loopback."""
+
     rootfs: RootfsPlan
     id_mapping: IdMapping
-    job_uid: int
-    job_gid: int
-    hostname: str
-    argv: tuple[str, ...]
-    env: dict[str, str]
-    files: tuple[InputFile, ...]
-    rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
-    seccomp: PreparedFilter
     loopback_request: bytes
     last_capability: int
 
 
 @dataclass(frozen=True)
+class JobOrder:
+    """What the job is: sent to the prepared container when the job starts."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    files: tuple[InputFile, ...]
+    rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
+    hostname: str
+    writable_layer_bytes: int
+    seccomp_policy: str
+
+
+@dataclass(frozen=True)
 class ChildFds:
-    go: int  # read end: one byte once the parent mapped ids and placed us in the cgroup
+    go: int  # read end: one byte once the parent mapped our ids
+    cgroup_procs: tuple[int, ...]  # the job cgroup's cgroup.procs files, opened by the parent
     report: int  # write end, close-on-exec: set-up failures, exec failures, the final status
-    stdin: int
-    stdout: int
-    stderr: int
+    control: int  # our end of a socket pair: the JobOrder and the job's stdio arrive here
+
+
+def send_order(sock: socket.socket, order: JobOrder, stdio: tuple[int, int, int]) -> None:
+    payload = pickle.dumps(order, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _ORDER_HEADER.pack(len(payload)) + payload
+    sent = sock.sendmsg([data[:4096]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", stdio))])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _receive_order(control_fd: int) -> tuple[JobOrder, tuple[int, int, int]]:
+    sock = socket.socket(fileno=control_fd)
+    try:
+        data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(_ORDER_FDS * 4))
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if len(fds) != _ORDER_FDS or len(data) < _ORDER_HEADER.size:
+            raise RuntimeError("the parent sent no job order")
+        size = _ORDER_HEADER.unpack_from(data)[0]
+        chunks = [data[_ORDER_HEADER.size:]]
+        received = len(chunks[0])
+        while received < size:
+            chunk = sock.recv(min(1 << 20, size - received))
+            if not chunk:
+                raise RuntimeError("the job order was cut short")
+            chunks.append(chunk)
+            received += len(chunk)
+    finally:
+        sock.detach()
+        os.close(control_fd)
+    # The parent is this process's own creator: its bytes are as trusted as our code.
+    return pickle.loads(b"".join(chunks)), (fds[0], fds[1], fds[2])
 
 
 def _report(fd: int, kind: bytes, message: str) -> None:
@@ -69,57 +117,83 @@ def _report(fd: int, kind: bytes, message: str) -> None:
         pass
 
 
-def _exec_job(plan: ContainerPlan, fds: ChildFds) -> NoReturn:
-    try:
-        os.setsid()  # no controlling terminal: TIOCSTI has nothing to inject into
-        os.dup2(fds.stdin, 0)
-        os.dup2(fds.stdout, 1)
-        os.dup2(fds.stderr, 2)
-        # Python ignores these; an ignored disposition would survive execve.
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
-        for limit, soft, hard in plan.rlimits:
-            resource.setrlimit(limit, (soft, hard))
-        os.chdir(plan.rootfs.workdir)
-        become_job_user(plan.id_mapping, plan.job_uid, plan.job_gid, plan.last_capability)
-        os.closerange(3, fds.report)
-        os.closerange(fds.report + 1, 1 << 16)
-        plan.seccomp.install()
-    except BaseException as error:  # noqa: BLE001 - everything must reach the parent
-        _report(fds.report, REPORT_SETUP_FAILED, f"preparing the job process: {error!r}")
-        os._exit(125)
-    try:
-        os.execvpe(plan.argv[0], plan.argv, plan.env)
-    except OSError as error:
-        _report(fds.report, REPORT_EXEC_FAILED, f"{error.errno}:{plan.argv[0]}: {error.strerror}")
-    os._exit(127)
+# Dispositions the job must start with: Python ignores SIGPIPE and SIGXFSZ, and an ignored
+# disposition survives execve.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                    signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _become_job_context(plan: ContainerPlan, order: JobOrder) -> None:
+    """Give this process (the future init) everything the job inherits: rlimits, working
+    directory, the job's uid with no capabilities and no_new_privs, and seccomp, last.
+    The job then needs only a vfork-style spawn: no Python runs between fork and exec."""
+    for limit, soft, hard in order.rlimits:
+        resource.setrlimit(limit, (soft, hard))
+    os.chdir(plan.rootfs.workdir)
+    seccomp = compiled_filter(order.seccomp_policy)
+    become_job_user(plan.id_mapping, plan.rootfs.job_uid, plan.rootfs.job_gid, plan.last_capability)
+    # A uid change resets dumpability: the job shares our uid and must not read our memory.
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    seccomp.install()
+
+
+def _spawn_job(order: JobOrder, stdio: tuple[int, int, int]) -> int:
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in set(stdio) if fd > 2]
+    # setsid: no controlling terminal, so TIOCSTI has nothing to inject into.
+    return os.posix_spawnp(order.argv[0], order.argv, order.env, file_actions=actions, setsid=True,
+                           setsigdef=_DEFAULT_SIGNALS)
+
+
+def _prepare(plan: ContainerPlan, fds: ChildFds) -> int:
+    """Phase 1; returns an O_PATH fd of the writable layer's tmpfs, for resizing it later."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    ignore_job_signals()
+    # Nothing of the launcher's stdio may reach into the container.
+    null_fd = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null_fd, target)
+    os.close(null_fd)
+    if os.read(fds.go, 1) != b"g":
+        os._exit(125)  # the parent gave up (or died) before we were set up
+    os.close(fds.go)
+    # Joining a cgroup takes milliseconds on v1 (an RCU grace period): done here, it runs
+    # in parallel instead of stalling the parent. "0" means the writing process.
+    for procs_fd in fds.cgroup_procs:
+        os.write(procs_fd, b"0")
+        os.close(procs_fd)
+    # Ours to own from here: no one outside may ptrace us or read our memory.
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    become_setup_identity(plan.id_mapping)
+    libc.unshare(UNSHARE_FLAGS)
+    layer_fd = build_rootfs(plan.rootfs)
+    bring_up_loopback(plan.loopback_request)
+    return layer_fd
 
 
 def container_main(plan: ContainerPlan, fds: ChildFds) -> NoReturn:
     """Entry point of the cloned child, PID 1 of the new namespaces. Never returns."""
     try:
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        ignore_job_signals()
-        if os.read(fds.go, 1) != b"g":
-            os._exit(125)  # the parent gave up (or died) before we were set up
-        os.close(fds.go)
-        # Ours to own from here: no one outside may ptrace or read our memory.
-        libc.prctl(libc.PR_SET_DUMPABLE, 0)
-        become_setup_identity(plan.id_mapping)
-        # After the parent placed us: the job's cgroup becomes the root of its view.
+        layer_fd = _prepare(plan, fds)
+        order, stdio = _receive_order(fds.control)
+        # Placed in the job's cgroup by now: make it the root of the job's view.
         libc.unshare(libc.CLONE_NEWCGROUP)
-        build_rootfs(plan.rootfs)
-        for input_file in plan.files:
+        if order.writable_layer_bytes != plan.rootfs.writable_layer_bytes:
+            resize_writable_layer(layer_fd, order.writable_layer_bytes)
+        os.close(layer_fd)
+        for input_file in order.files:
             write_input_file(plan.rootfs.workdir, input_file.path, input_file.content, input_file.mode,
-                             plan.job_uid, plan.job_gid)
-        libc.sethostname(plan.hostname)
-        bring_up_loopback(plan.loopback_request)
-        job_pid = os.fork()
-        if job_pid == 0:
-            _exec_job(plan, fds)
-        for fd in (fds.stdin, fds.stdout, fds.stderr):
-            os.close(fd)
+                             plan.rootfs.job_uid, plan.rootfs.job_gid)
+        libc.sethostname(order.hostname)
+        _become_job_context(plan, order)
     except BaseException as error:  # noqa: BLE001
         _report(fds.report, REPORT_SETUP_FAILED, f"building the container: {error!r}")
         os._exit(125)
+    try:
+        job_pid = _spawn_job(order, stdio)
+    except OSError as error:
+        _report(fds.report, REPORT_EXEC_FAILED, f"{error.errno}:{order.argv[0]}: {error.strerror}")
+        os._exit(127)
+    for fd in stdio:
+        os.close(fd)
     run_init(job_pid, fds.report)

@@ -1,7 +1,12 @@
 """The runtime's Python API: turn a JobSpec into a running container and, in the end, a Result.
 
 `Runtime` must live in a single-threaded process (it clones with fork semantics): the CLI
-uses it directly, the service through the launcher process (launcher.py).
+uses it directly, the service through the launcher process.
+
+Launch speed: a container can be prepared before its job exists (cloned, id-mapped, placed in
+a cgroup, its filesystem built), so starting a job only sends the order. With
+`warm_containers=N` the runtime keeps N prepared containers of the default image and refills
+the pool while jobs run. Accounting starts when the order is sent: set-up CPU is not billed.
 """
 
 from __future__ import annotations
@@ -10,15 +15,25 @@ import math
 import os
 import resource
 import signal
+import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from sandboxd.images import resolve_image
-from sandboxd.job import WORKDIR, JobSpec, Result
+from sandboxd.job import WORKDIR, JobSpec, Result, new_job_id
+from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
-from sandboxd.runtime.cgroup import CgroupDriver, detect_driver
-from sandboxd.runtime.container import NAMESPACE_FLAGS, ChildFds, ContainerPlan, container_main
+from sandboxd.runtime.cgroup import CgroupDriver, JobCgroup, detect_driver
+from sandboxd.runtime.container import (
+    CLONE_FLAGS,
+    ChildFds,
+    ContainerPlan,
+    JobOrder,
+    container_main,
+    send_order,
+)
 from sandboxd.runtime.mnt import RootfsPlan
 from sandboxd.runtime.net import loopback_up_request
 from sandboxd.runtime.seccomp import compiled_filter
@@ -27,6 +42,32 @@ from sandboxd.runtime.user import choose_id_mapping, write_id_maps
 from sandboxd.state import default_state_dir
 
 SHM_MAX_BYTES = 64 << 20
+DEFAULT_IMAGE = "host"
+
+
+@dataclass
+class _Container:
+    """A cloned, prepared container waiting for its job's order."""
+
+    pid: int
+    pidfd: int
+    control: socket.socket
+    report_fd: int
+    cgroup: JobCgroup
+    image: str
+    started_ns: int
+
+    def discard(self, remove_cgroup: bool = True) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        for fd in (self.pidfd, self.report_fd):
+            os.close(fd)
+        self.control.close()
+        if remove_cgroup:
+            self.cgroup.remove()
 
 
 def _stdin_fd(data: bytes | None) -> int:
@@ -49,8 +90,24 @@ def _close_all_fds_except(keep: set[int]) -> None:
     os.closerange(previous + 1, 1 << 16)
 
 
+def _rlimits(limits: Limits) -> tuple[tuple[int, int, int], ...]:
+    cpu_soft_s = math.ceil(limits.cpu_time_s) + 1  # the backstop; the supervisor acts first
+    return (
+        (resource.RLIMIT_CPU, cpu_soft_s, cpu_soft_s + 1),
+        (resource.RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
+        (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
+        (resource.RLIMIT_STACK, limits.stack_bytes, limits.stack_bytes),
+        (resource.RLIMIT_CORE, 0, 0),
+    )
+
+
 class Runtime:
-    def __init__(self, state_dir: Path | None = None, cgroup_driver: CgroupDriver | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        cgroup_driver: CgroupDriver | None = None,
+        warm_containers: int = 0,
+    ) -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         # World-traversable: the container's set-up identity may be another uid than ours.
         self.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -60,113 +117,152 @@ class Runtime:
         self._loopback_request = loopback_up_request()
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()
+        self._warm_target = warm_containers
+        self._warm: list[_Container] = []
+        compiled_filter()  # compile once here, so every container inherits it
 
     @property
     def supervisor(self) -> Supervisor:
         return self._supervisor
 
-    def _plan(self, spec: JobSpec) -> ContainerPlan:
-        image = resolve_image(spec.image, self.state_dir)
-        limits = spec.limits
-        env = dict(image.env)
-        env.update(spec.env)
-        cpu_soft_s = math.ceil(limits.cpu_time_s) + 1  # the backstop; the supervisor acts first
-        rlimits = (
-            (resource.RLIMIT_CPU, cpu_soft_s, cpu_soft_s + 1),
-            (resource.RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
-            (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
-            (resource.RLIMIT_STACK, limits.stack_bytes, limits.stack_bytes),
-            (resource.RLIMIT_CORE, 0, 0),
-        )
+    def _container_plan(self, image_name: str, writable_layer_bytes: int) -> ContainerPlan:
+        image = resolve_image(image_name, self.state_dir)
         return ContainerPlan(
             rootfs=RootfsPlan(
                 scratch_dir=str(self._scratch_dir),
                 image_mounts=image.mounts,
-                writable_layer_bytes=limits.disk_bytes,
-                shm_bytes=min(limits.disk_bytes, SHM_MAX_BYTES),
+                writable_layer_bytes=writable_layer_bytes,
+                shm_bytes=min(writable_layer_bytes, SHM_MAX_BYTES),
                 workdir=WORKDIR,
                 job_uid=image.uid,
                 job_gid=image.gid,
             ),
             id_mapping=choose_id_mapping(image.uid, image.gid),
-            job_uid=image.uid,
-            job_gid=image.gid,
-            hostname=spec.hostname,
-            argv=spec.argv,
-            env=env,
-            files=spec.files,
-            rlimits=rlimits,
-            seccomp=compiled_filter(spec.seccomp_policy),
             loopback_request=self._loopback_request,
             last_capability=self._last_capability,
         )
 
-    def start(self, spec: JobSpec, on_done: Callable[[Result], None]) -> int:
-        """Launch the job's container; on_done gets its Result from a later step(). Returns
-        the container's host pid (for kill())."""
-        plan = self._plan(spec)
-        cgroup = self.cgroups.create(spec.job_id, spec.limits)
-        parent_fds: list[int] = []
-        child_fds: list[int] = []
+    def _job_order(self, spec: JobSpec) -> JobOrder:
+        image = resolve_image(spec.image, self.state_dir)
+        env = dict(image.env)
+        env.update(spec.env)
+        return JobOrder(
+            argv=spec.argv,
+            env=env,
+            files=spec.files,
+            rlimits=_rlimits(spec.limits),
+            hostname=spec.hostname,
+            writable_layer_bytes=spec.limits.disk_bytes,
+            seccomp_policy=spec.seccomp_policy,
+        )
+
+    def _clone(self, plan: ContainerPlan, cgroup: JobCgroup, image: str) -> _Container:
+        """Clone a container into its namespaces and cgroup; it prepares itself meanwhile."""
+        procs_fds = tuple(os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files())
+        go_read, go_write = os.pipe2(os.O_CLOEXEC)
+        report_read, report_write = os.pipe2(os.O_CLOEXEC)
+        parent_control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds = ChildFds(go=go_read, cgroup_procs=procs_fds, report=report_write,
+                             control=child_control.fileno())
+        child_only = (go_read, report_write, *procs_fds)
+        started_ns = time.monotonic_ns()
         try:
-            stdin_fd = _stdin_fd(spec.stdin)
-            child_fds.append(stdin_fd)
-            go_read, go_write = os.pipe2(os.O_CLOEXEC)
-            report_read, report_write = os.pipe2(os.O_CLOEXEC)
-            stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
-            stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
-            parent_fds += [go_write, report_read, stdout_read, stderr_read]
-            child_fds += [go_read, report_write, stdout_write, stderr_write]
-            fds = ChildFds(go=go_read, report=report_write, stdin=stdin_fd, stdout=stdout_write,
-                           stderr=stderr_write)
-            started_ns = time.monotonic_ns()
-            pid = libc.clone(NAMESPACE_FLAGS)
-            if pid == 0:
-                _close_all_fds_except(set(child_fds))
-                container_main(plan, fds)
+            pid = libc.clone(CLONE_FLAGS)
         except BaseException:
-            for fd in parent_fds + child_fds:
+            for fd in (go_write, report_read, *child_only):
                 os.close(fd)
-            cgroup.remove()
+            parent_control.close()
+            child_control.close()
             raise
-        for fd in child_fds:
+        if pid == 0:
+            _close_all_fds_except({child_control.fileno(), *child_only})
+            container_main(plan, child_fds)
+        for fd in child_only:
             os.close(fd)
+        child_control.close()
+        pidfd = os.pidfd_open(pid)
+        container = _Container(pid, pidfd, parent_control, report_read, cgroup, image, started_ns)
         try:
-            pidfd = os.pidfd_open(pid)
-            try:
-                write_id_maps(pid, plan.id_mapping)
-                cgroup.attach(pid)
-                os.write(go_write, b"g")
-            except BaseException:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.close(pidfd)
-                raise
+            write_id_maps(pid, plan.id_mapping)
+            os.write(go_write, b"g")
         except BaseException:
-            os.waitpid(pid, 0)
-            for fd in parent_fds:
-                os.close(fd)
-            cgroup.remove()
+            container.discard(remove_cgroup=False)  # the caller owns the cgroup
             raise
-        os.close(go_write)
+        finally:
+            os.close(go_write)
+        return container
+
+    def _take_warm(self, spec: JobSpec) -> _Container | None:
+        while self._warm and spec.image == DEFAULT_IMAGE:
+            container = self._warm.pop(0)
+            try:
+                container.cgroup.assign(spec.job_id, spec.limits)
+                return container
+            except OSError:
+                container.discard()  # it died while waiting, or the limits could not be set
+        return None
+
+    def prewarm(self) -> None:
+        """Fill the pool of prepared containers up to its target."""
+        while len(self._warm) < self._warm_target:
+            defaults = default_limit_policy().defaults
+            plan = self._container_plan(DEFAULT_IMAGE, defaults.disk_bytes)
+            cgroup = self.cgroups.create(new_job_id(), defaults)
+            try:
+                self._warm.append(self._clone(plan, cgroup, DEFAULT_IMAGE))
+            except BaseException:
+                cgroup.remove()
+                raise
+
+    def start(self, spec: JobSpec, on_done: Callable[[Result], None]) -> int:
+        """Launch the job; on_done gets its Result from a later step(). Returns the
+        container's host pid (for kill())."""
+        order = self._job_order(spec)
+        container = self._take_warm(spec)
+        if container is None:
+            plan = self._container_plan(spec.image, spec.limits.disk_bytes)
+            cgroup = self.cgroups.create(spec.job_id, spec.limits)
+            try:
+                container = self._clone(plan, cgroup, spec.image)
+            except BaseException:
+                cgroup.remove()
+                raise
+        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+        stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
+        stdin_fd = _stdin_fd(spec.stdin)
+        try:
+            container.cgroup.begin_accounting()
+            started_ns = time.monotonic_ns()
+            send_order(container.control, order, (stdin_fd, stdout_write, stderr_write))
+        except BaseException:
+            for fd in (stdout_read, stderr_read):
+                os.close(fd)
+            container.discard()
+            raise
+        finally:
+            for fd in (stdin_fd, stdout_write, stderr_write):
+                os.close(fd)
+            container.control.close()
         limits = spec.limits
-        now_ns = time.monotonic_ns()
+        parallelism = cpu_parallelism(limits.cpus)
         self._supervisor.watch(
             RunningJob(
                 spec=spec,
-                pid=pid,
-                pidfd=pidfd,
-                cgroup=cgroup,
-                report_fd=report_read,
+                pid=container.pid,
+                pidfd=container.pidfd,
+                cgroup=container.cgroup,
+                report_fd=container.report_fd,
                 stdout=_Stream(stdout_read, limits.output_bytes),
                 stderr=_Stream(stderr_read, limits.output_bytes),
                 started_ns=started_ns,
                 on_done=on_done,
-                cpu_parallelism=cpu_parallelism(limits.cpus),
+                cpu_parallelism=parallelism,
                 wall_deadline_ns=started_ns + int(limits.wall_time_s * 1e9),
-                next_cpu_check_ns=now_ns + int(min(0.1, limits.cpu_time_s / cpu_parallelism(limits.cpus)) * 1e9),
+                next_cpu_check_ns=started_ns + int(min(0.1, limits.cpu_time_s / parallelism) * 1e9),
             )
         )
-        return pid
+        self.prewarm()
+        return container.pid
 
     def run(self, spec: JobSpec) -> Result:
         """Run one job to its end. Interrupted (Ctrl-C), it kills the job and cleans up first."""
@@ -181,3 +277,9 @@ class Runtime:
                 self._supervisor.step(1.0)
             raise
         return results[0]
+
+    def close(self) -> None:
+        """Discard the prepared containers (and their cgroups)."""
+        while self._warm:
+            self._warm.pop().discard()
+

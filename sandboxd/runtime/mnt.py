@@ -102,12 +102,14 @@ def _mount_dev(plan: RootfsPlan, root: str) -> None:
     mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={plan.shm_bytes},mode=1777")
 
 
-def build_rootfs(plan: RootfsPlan) -> None:
-    """Assemble the container's root and pivot into it; afterwards '/' is the container."""
+def build_rootfs(plan: RootfsPlan) -> int:
+    """Assemble the container's root and pivot into it; afterwards '/' is the container.
+    Returns an O_PATH fd of the writable layer's tmpfs, which pivot_root hides from view."""
     # Our mounts must never propagate back to the host, nor the host's into us.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", plan.scratch_dir, "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={plan.writable_layer_bytes},mode=0755")
+    layer_fd = os.open(plan.scratch_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     root = f"{plan.scratch_dir}/root"
     os.mkdir(root, 0o755)
     _mount_overlays(plan, root)
@@ -120,6 +122,12 @@ def build_rootfs(plan: RootfsPlan) -> None:
     pivot_root(".", ".")
     umount2(".", MNT_DETACH)
     os.chdir("/")
+    return layer_fd
+
+
+def resize_writable_layer(layer_fd: int, size_bytes: int) -> None:
+    """Give a prepared container's writable layer the job's size (tmpfs allows a remount)."""
+    mount(None, f"/proc/self/fd/{layer_fd}", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={size_bytes}")
 
 
 def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int, uid: int, gid: int) -> None:

@@ -1,0 +1,191 @@
+"""The launcher: a pre-forked, single-threaded process that owns the Runtime for a service.
+
+A multi-threaded service (an asyncio loop with executor threads) must not fork; so it starts
+this process once, and sends it jobs over a socket pair. Containers are cloned from here, with
+warm containers ready, and results come back as they finish.
+
+Frames are a 4-byte length and a pickle, between a parent and the child it started itself.
+  to the launcher:   ("run", token, JobSpec) | ("kill", token) | ("close",)
+  from the launcher: ("done", token, Result) | ("error", token, kind, message)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sandboxd.job import JobSpec, Result
+
+_FRAME = struct.Struct("=I")
+_SOCKET_BUFFER_BYTES = 4 << 20
+
+
+class LauncherError(RuntimeError):
+    """The launcher refused a job (kind "usage": bad spec or image) or failed ("internal")."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(payload)) + payload
+
+
+class _Server:
+    def __init__(self, sock: socket.socket, runtime: Any) -> None:
+        self._sock = sock
+        self._runtime = runtime
+        self._buffer = bytearray()
+        self._pids: dict[int, int] = {}  # token -> container pid
+        self.open = True
+
+    def on_readable(self) -> None:
+        data = self._sock.recv(1 << 20)
+        if not data:
+            self.open = False
+            return
+        self._buffer += data
+        while len(self._buffer) >= _FRAME.size:
+            size = _FRAME.unpack_from(self._buffer)[0]
+            if len(self._buffer) < _FRAME.size + size:
+                break
+            message = pickle.loads(bytes(self._buffer[_FRAME.size:_FRAME.size + size]))
+            del self._buffer[:_FRAME.size + size]
+            self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        from sandboxd.images import UnknownImageError
+
+        if message[0] == "run":
+            _, token, spec = message
+            try:
+                pid = self._runtime.start(spec, lambda result, token=token: self._done(token, result))
+            except UnknownImageError as error:
+                self._send(("error", token, "usage", str(error.args[0])))
+            except Exception as error:  # noqa: BLE001 - the service must hear of every failure
+                self._send(("error", token, "internal", f"{type(error).__name__}: {error}"))
+            else:
+                self._pids[token] = pid
+        elif message[0] == "kill":
+            pid = self._pids.get(message[1])
+            if pid is not None:
+                self._runtime.supervisor.kill(pid, "cancelled")
+        elif message[0] == "close":
+            self.open = False
+
+    def _done(self, token: int, result: Result) -> None:
+        self._pids.pop(token, None)
+        self._send(("done", token, result))
+
+    def _send(self, message: tuple) -> None:
+        self._sock.setblocking(True)
+        self._sock.sendall(_frame(message))
+        self._sock.setblocking(False)
+
+
+def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int) -> None:
+    from sandboxd.runtime.launch import Runtime
+
+    runtime = Runtime(state_dir=state_dir, warm_containers=warm_containers)
+    runtime.prewarm()
+    sock.setblocking(False)
+    server = _Server(sock, runtime)
+    runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
+    try:
+        while server.open or runtime.supervisor.running:
+            runtime.supervisor.step(None if server.open else 1.0)
+            if not server.open:
+                for pid in list(server._pids.values()):
+                    runtime.supervisor.kill(pid, "cancelled")
+    finally:
+        runtime.close()
+
+
+class LauncherClient:
+    """The service's side: start the launcher once, then `await run(spec)` per job."""
+
+    def __init__(self, state_dir: Path | None = None, warm_containers: int = 2) -> None:
+        self._state_dir = state_dir
+        self._warm = warm_containers
+        self._process: subprocess.Popen | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._futures: dict[int, asyncio.Future] = {}
+        self._next_token = 0
+
+    async def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+        argv = [sys.executable, "-m", "sandboxd.runtime.launcher", "--fd", str(theirs.fileno()),
+                "--warm", str(self._warm)]
+        if self._state_dir is not None:
+            argv += ["--state-dir", str(self._state_dir)]
+        self._process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._reader_task = asyncio.create_task(self._read_loop(reader))
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(_FRAME.size)
+                message = pickle.loads(await reader.readexactly(_FRAME.unpack(header)[0]))
+                future = self._futures.pop(message[1], None)
+                if future is None or future.done():
+                    continue
+                if message[0] == "done":
+                    future.set_result(message[2])
+                else:
+                    future.set_exception(LauncherError(message[2], message[3]))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            for future in self._futures.values():
+                if not future.done():
+                    future.set_exception(LauncherError("internal", "the launcher process exited"))
+            self._futures.clear()
+
+    async def run(self, spec: JobSpec) -> Result:
+        assert self._writer is not None, "start() first"
+        token = self._next_token
+        self._next_token += 1
+        future = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        self._writer.write(_frame(("run", token, spec)))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._writer.write(_frame(("kill", token)))
+            raise
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.write(_frame(("close",)))
+            await self._writer.drain()
+            self._writer.close()
+        if self._process is not None:
+            await asyncio.to_thread(self._process.wait)
+        if self._reader_task is not None:
+            await self._reader_task
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sandboxd-launcher")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--state-dir", type=Path)
+    parser.add_argument("--warm", type=int, default=2)
+    args = parser.parse_args(argv)
+    serve(socket.socket(fileno=args.fd), args.state_dir, args.warm)
+
+
+if __name__ == "__main__":
+    main()
