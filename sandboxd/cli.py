@@ -117,6 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     try:
         result = runtime.run(spec)
+        runtime.close()
     except KeyboardInterrupt:
         print("sandboxd: interrupted; the job was killed", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -13,6 +13,7 @@ from typing import Any
 from sandboxd.limits import Limits
 
 WORKDIR = "/work"
+DEFAULT_HOSTNAME = "sandbox"
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -74,7 +75,7 @@ class JobSpec:
     stdin: bytes | None = None
     files: tuple[InputFile, ...] = ()
     job_id: str = field(default_factory=new_job_id)
-    hostname: str = "sandbox"
+    hostname: str = DEFAULT_HOSTNAME
     seccomp_policy: str = "default"
     network: bool = False
 

@@ -51,7 +51,9 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def runtime(state_dir: Path):
     from sandboxd.runtime.launch import Runtime
 
-    return Runtime(state_dir=state_dir)
+    runtime = Runtime(state_dir=state_dir)
+    yield runtime
+    runtime.close()
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +61,7 @@ def nothing_leaks(request: pytest.FixtureRequest):
     yield
     if "runtime" not in request.fixturenames:
         return
+    request.getfixturevalue("runtime").settle()
     assert leftover_job_cgroups() == [], "a job cgroup was left behind"
     overlay_mounts = [line for line in Path("/proc/self/mounts").read_text().splitlines()
                       if line.split()[2] == "overlay"]

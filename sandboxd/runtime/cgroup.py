@@ -77,6 +77,10 @@ class JobCgroup(abc.ABC):
     def remove(self) -> None:
         """Kill what is left, wait until empty, remove the directories. Idempotent."""
 
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release open files without removing anything (removal is someone else's now)."""
+
 
 class CgroupDriver(abc.ABC):
     version: int
@@ -84,6 +88,15 @@ class CgroupDriver(abc.ABC):
     @abc.abstractmethod
     def create(self, job_id: str, limits: Limits) -> JobCgroup:
         """Create `job-<job_id>` with CPU bandwidth, memory (swap included) and pids caps."""
+
+    @abc.abstractmethod
+    def adopt(self, job_id: str) -> JobCgroup:
+        """The JobCgroup of `job-<job_id>`, created by another process (a container
+        creates its own cgroup, off the launcher's path); it must exist."""
+
+    @abc.abstractmethod
+    def directories(self, job_id: str) -> tuple[str, ...]:
+        """The directories of `job-<job_id>`, in the order they are to be removed."""
 
     @abc.abstractmethod
     def remove_stale(self) -> list[str]:

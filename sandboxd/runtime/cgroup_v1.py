@@ -185,6 +185,20 @@ class CgroupV1Driver(CgroupDriver):
         self._live.add(name)
         return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live)
 
+    def adopt(self, job_id: str) -> CgroupV1Job:
+        name = check_job_id(job_id)
+        dirs = {c: p + "/" + name for c, p in self.parents.items()}
+        try:
+            usage_fd = os.open(dirs["cpuacct"] + "/cpuacct.usage", _O_READ)
+        except OSError as error:
+            raise CgroupError(f"cannot open the cgroup of job {job_id}: {error.strerror}") from None
+        self._live.add(name)
+        return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live)
+
+    def directories(self, job_id: str) -> tuple[str, ...]:
+        name = check_job_id(job_id)
+        return tuple(parent + "/" + name for parent in reversed(self._unique))  # the anchor last
+
     def remove_stale(self) -> list[str]:
         """Jobs in the anchor hierarchy that this driver did not create (see __init__)."""
         try:
@@ -303,6 +317,9 @@ class CgroupV1Job(JobCgroup):
         self.kill_all()  # returns once every cgroup.procs is empty
         for path in reversed(self._unique):  # the anchor last: see CgroupV1Driver
             rmdir_cgroup(path)
+        self.close()
+
+    def close(self) -> None:
         if self._usage_fd >= 0:
             os.close(self._usage_fd)
             self._usage_fd = -1

@@ -260,6 +260,19 @@ class CgroupV2Driver(CgroupDriver):
             quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
             write_file(path + "/cpu.max", b"%d %d" % (quota, CPU_PERIOD_US))
 
+    def adopt(self, job_id: str) -> CgroupV2Job:
+        name = check_job_id(job_id)
+        path = self.parent + "/" + name
+        try:
+            stat_fd = os.open(path + "/cpu.stat", _O_READ)
+        except OSError as error:
+            raise CgroupError(f"cannot open the cgroup of job {job_id}: {error.strerror}") from None
+        self._live.add(name)
+        return CgroupV2Job(name, job_id, path, stat_fd, self, self._live)
+
+    def directories(self, job_id: str) -> tuple[str, ...]:
+        return (self.parent + "/" + check_job_id(job_id),)
+
     def remove_stale(self) -> list[str]:
         try:
             with os.scandir(self.parent) as entries:
@@ -419,11 +432,14 @@ class CgroupV2Job(JobCgroup):
             return
         self.kill_all()
         rmdir_cgroup(self.path)
-        self._close()
+        self.close()
+
+    def close(self) -> None:
+        self._close_fds()
         self._live.discard(self.name)
         self._removed = True
 
-    def _close(self) -> None:
+    def _close_fds(self) -> None:
         for attribute in ("_stat_fd", "_peak_fd"):
             fd = getattr(self, attribute, -1)
             if fd >= 0:
@@ -431,7 +447,7 @@ class CgroupV2Job(JobCgroup):
                 setattr(self, attribute, -1)
 
     def __del__(self) -> None:
-        self._close()
+        self._close_fds()
 
 
 __all__ = [

@@ -1,13 +1,14 @@
 """The child side of a launch: everything between clone() and the job's execve().
 
 Two phases, so a container can be prepared before its job exists (a warm container):
-1. prepare: wait until the parent has written the id maps and placed us in a cgroup; build
-   the filesystem (OverlayFS, /proc, /dev) and pivot_root; bring up loopback.
-2. take the job's order from the parent (argv, env, files, limits, stdio fds), enter a new
-   cgroup namespace, write the input files; take the job's rlimits and uid, drop every
-   capability, set no_new_privs, load seccomp last, and spawn the job.
-This process stays behind as the job's PID 1, and hands the job its whole context (uid,
-rlimits, seccomp) by taking it on itself before a vfork-style spawn of the job.
+1. prepare, every privileged step: create and join the job's cgroup; once the parent has
+   written the id maps, create the other namespaces (cgroup, mount, network, IPC, UTS), build the
+   filesystem (OverlayFS, /proc, /dev) and pivot_root, bring up loopback, set the hostname;
+   then become the job's user: no capabilities, no_new_privs.
+2. take the job's order from the parent (argv, env, files, rlimits, stdio fds), write the
+   input files as the job's user, take its rlimits, load seccomp last, and spawn the job.
+This process stays behind as the job's PID 1, having taken on the job's whole context
+before a vfork-style spawn; nothing of the order can reach a privileged step.
 The order follows runc, crun and bubblewrap.
 """
 
@@ -21,11 +22,11 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from sandboxd.job import InputFile
 from sandboxd.runtime import libc
-from sandboxd.runtime.mnt import RootfsPlan, build_rootfs, resize_writable_layer, write_input_file
+from sandboxd.runtime.mnt import RootfsPlan, build_rootfs, write_input_file
 from sandboxd.runtime.net import bring_up_loopback
 from sandboxd.runtime.pid import (
     REPORT_EXEC_FAILED,
@@ -47,10 +48,11 @@ _ORDER_FDS = 3  # stdin, stdout, stderr
 
 @dataclass(frozen=True)
 class ContainerPlan:
-    """What a container is built from, known before its job: image, identities, loopback."""
+    """What a container is built from, known before its job: image, disk size, hostname, ids."""
 
-    rootfs: RootfsPlan
+    rootfs: RootfsPlan  # its writable_layer_bytes is the job's disk limit
     id_mapping: IdMapping
+    hostname: str
     loopback_request: bytes
     last_capability: int
 
@@ -63,17 +65,17 @@ class JobOrder:
     env: dict[str, str]
     files: tuple[InputFile, ...]
     rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
-    hostname: str
-    writable_layer_bytes: int
     seccomp_policy: str
 
 
 @dataclass(frozen=True)
 class ChildFds:
     go: int  # read end: one byte once the parent mapped our ids
-    cgroup_procs: tuple[int, ...]  # the job cgroup's cgroup.procs files, opened by the parent
     report: int  # write end, close-on-exec: set-up failures, exec failures, the final status
-    control: int  # our end of a socket pair: the JobOrder and the job's stdio arrive here
+    control: int  # our end of a socket pair: READY goes out, the JobOrder and stdio come in
+
+
+READY = b"r"
 
 
 def send_order(sock: socket.socket, order: JobOrder, stdio: tuple[int, int, int]) -> None:
@@ -123,18 +125,13 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTER
                     signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _become_job_context(plan: ContainerPlan, order: JobOrder) -> None:
-    """Give this process (the future init) everything the job inherits: rlimits, working
-    directory, the job's uid with no capabilities and no_new_privs, and seccomp, last.
-    The job then needs only a vfork-style spawn: no Python runs between fork and exec."""
+def _take_job_limits(order: JobOrder) -> None:
+    """What the job inherits from this process (already its uid, with no capabilities):
+    rlimits, then seccomp, last. The job then needs only a vfork-style spawn, with no
+    Python between fork and exec."""
     for limit, soft, hard in order.rlimits:
         resource.setrlimit(limit, (soft, hard))
-    os.chdir(plan.rootfs.workdir)
-    seccomp = compiled_filter(order.seccomp_policy)
-    become_job_user(plan.id_mapping, plan.rootfs.job_uid, plan.rootfs.job_gid, plan.last_capability)
-    # A uid change resets dumpability: the job shares our uid and must not read our memory.
-    libc.prctl(libc.PR_SET_DUMPABLE, 0)
-    seccomp.install()
+    compiled_filter(order.seccomp_policy).install()
 
 
 def _spawn_job(order: JobOrder, stdio: tuple[int, int, int]) -> int:
@@ -145,8 +142,8 @@ def _spawn_job(order: JobOrder, stdio: tuple[int, int, int]) -> int:
                            setsigdef=_DEFAULT_SIGNALS)
 
 
-def _prepare(plan: ContainerPlan, fds: ChildFds) -> int:
-    """Phase 1; returns an O_PATH fd of the writable layer's tmpfs, for resizing it later."""
+def _prepare(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]) -> None:
+    """Phase 1: every privileged step, ending as the job's user with no capabilities."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     ignore_job_signals()
     # Nothing of the launcher's stdio may reach into the container.
@@ -154,38 +151,35 @@ def _prepare(plan: ContainerPlan, fds: ChildFds) -> int:
     for target in (0, 1, 2):
         os.dup2(null_fd, target)
     os.close(null_fd)
+    # Creating and joining a cgroup takes milliseconds on v1 (an RCU grace period): done
+    # here, while the parent writes our id maps, it stalls no one.
+    join_cgroup()
     if os.read(fds.go, 1) != b"g":
         os._exit(125)  # the parent gave up (or died) before we were set up
     os.close(fds.go)
-    # Joining a cgroup takes milliseconds on v1 (an RCU grace period): done here, it runs
-    # in parallel instead of stalling the parent. "0" means the writing process.
-    for procs_fd in fds.cgroup_procs:
-        os.write(procs_fd, b"0")
-        os.close(procs_fd)
     # Ours to own from here: no one outside may ptrace us or read our memory.
     libc.prctl(libc.PR_SET_DUMPABLE, 0)
     become_setup_identity(plan.id_mapping)
-    libc.unshare(UNSHARE_FLAGS)
-    layer_fd = build_rootfs(plan.rootfs)
+    # The job's cgroup, joined above, becomes the root of its view.
+    libc.unshare(UNSHARE_FLAGS | libc.CLONE_NEWCGROUP)
+    build_rootfs(plan.rootfs)
     bring_up_loopback(plan.loopback_request)
-    return layer_fd
+    libc.sethostname(plan.hostname)
+    become_job_user(plan.id_mapping, plan.rootfs.job_uid, plan.rootfs.job_gid, plan.last_capability)
+    # A uid change resets dumpability; the job will share our uid and must not read our memory.
+    libc.prctl(libc.PR_SET_DUMPABLE, 0)
 
 
-def container_main(plan: ContainerPlan, fds: ChildFds) -> NoReturn:
-    """Entry point of the cloned child, PID 1 of the new namespaces. Never returns."""
+def container_main(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]) -> NoReturn:
+    """Entry point of the cloned child, PID 1 of the new namespaces. Never returns.
+    join_cgroup creates the job's cgroup and moves this process into it."""
     try:
-        layer_fd = _prepare(plan, fds)
+        _prepare(plan, fds, join_cgroup)
+        os.write(fds.control, READY)
         order, stdio = _receive_order(fds.control)
-        # Placed in the job's cgroup by now: make it the root of the job's view.
-        libc.unshare(libc.CLONE_NEWCGROUP)
-        if order.writable_layer_bytes != plan.rootfs.writable_layer_bytes:
-            resize_writable_layer(layer_fd, order.writable_layer_bytes)
-        os.close(layer_fd)
         for input_file in order.files:
-            write_input_file(plan.rootfs.workdir, input_file.path, input_file.content, input_file.mode,
-                             plan.rootfs.job_uid, plan.rootfs.job_gid)
-        libc.sethostname(order.hostname)
-        _become_job_context(plan, order)
+            write_input_file(plan.rootfs.workdir, input_file.path, input_file.content, input_file.mode)
+        _take_job_limits(order)
     except BaseException as error:  # noqa: BLE001
         _report(fds.report, REPORT_SETUP_FAILED, f"building the container: {error!r}")
         os._exit(125)

@@ -22,19 +22,21 @@ from pathlib import Path
 from typing import Callable
 
 from sandboxd.images import resolve_image
-from sandboxd.job import WORKDIR, JobSpec, Result, new_job_id
+from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
-from sandboxd.runtime.cgroup import CgroupDriver, JobCgroup, detect_driver
+from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, detect_driver
 from sandboxd.runtime.container import (
     CLONE_FLAGS,
     ChildFds,
+    READY,
     ContainerPlan,
     JobOrder,
     container_main,
     send_order,
 )
 from sandboxd.runtime.mnt import RootfsPlan
+from sandboxd.runtime.janitor import Janitor
 from sandboxd.runtime.net import loopback_up_request
 from sandboxd.runtime.seccomp import compiled_filter
 from sandboxd.runtime.supervisor import RunningJob, Supervisor, _Stream, cpu_parallelism
@@ -47,27 +49,13 @@ DEFAULT_IMAGE = "host"
 
 @dataclass
 class _Container:
-    """A cloned, prepared container waiting for its job's order."""
+    """A cloned container preparing itself, or prepared and waiting for its job's order."""
 
     pid: int
     pidfd: int
     control: socket.socket
     report_fd: int
-    cgroup: JobCgroup
-    image: str
-    started_ns: int
-
-    def discard(self, remove_cgroup: bool = True) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(self.pid, 0)
-        for fd in (self.pidfd, self.report_fd):
-            os.close(fd)
-        self.control.close()
-        if remove_cgroup:
-            self.cgroup.remove()
+    job_id: str  # names its cgroup, which the container creates itself
 
 
 def _stdin_fd(data: bytes | None) -> int:
@@ -79,15 +67,6 @@ def _stdin_fd(data: bytes | None) -> int:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-
-def _close_all_fds_except(keep: set[int]) -> None:
-    previous = 2
-    for fd in sorted(keep):
-        if fd > previous + 1:
-            os.closerange(previous + 1, fd)
-        previous = max(previous, fd)
-    os.closerange(previous + 1, 1 << 16)
 
 
 def _rlimits(limits: Limits) -> tuple[tuple[int, int, int], ...]:
@@ -117,6 +96,7 @@ class Runtime:
         self._loopback_request = loopback_up_request()
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()
+        self._janitor = Janitor()
         self._warm_target = warm_containers
         self._warm: list[_Container] = []
         compiled_filter()  # compile once here, so every container inherits it
@@ -125,7 +105,7 @@ class Runtime:
     def supervisor(self) -> Supervisor:
         return self._supervisor
 
-    def _container_plan(self, image_name: str, writable_layer_bytes: int) -> ContainerPlan:
+    def _container_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
         image = resolve_image(image_name, self.state_dir)
         return ContainerPlan(
             rootfs=RootfsPlan(
@@ -138,6 +118,7 @@ class Runtime:
                 job_gid=image.gid,
             ),
             id_mapping=choose_id_mapping(image.uid, image.gid),
+            hostname=hostname,
             loopback_request=self._loopback_request,
             last_capability=self._last_capability,
         )
@@ -151,93 +132,120 @@ class Runtime:
             env=env,
             files=spec.files,
             rlimits=_rlimits(spec.limits),
-            hostname=spec.hostname,
-            writable_layer_bytes=spec.limits.disk_bytes,
             seccomp_policy=spec.seccomp_policy,
         )
 
-    def _clone(self, plan: ContainerPlan, cgroup: JobCgroup, image: str) -> _Container:
-        """Clone a container into its namespaces and cgroup; it prepares itself meanwhile."""
-        procs_fds = tuple(os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files())
+    def _clone(self, plan: ContainerPlan, job_id: str, limits: Limits) -> _Container:
+        """Clone a container into its user and PID namespaces; it prepares itself meanwhile
+        (cgroup, other namespaces, filesystem) and says READY on its control socket."""
+        cgroups = self.cgroups
+
+        def join_cgroup() -> None:
+            cgroup = cgroups.create(job_id, limits)
+            cgroup.attach(0)  # "0": the writing process
+            cgroup.close()
+
         go_read, go_write = os.pipe2(os.O_CLOEXEC)
         report_read, report_write = os.pipe2(os.O_CLOEXEC)
         parent_control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds = ChildFds(go=go_read, cgroup_procs=procs_fds, report=report_write,
-                             control=child_control.fileno())
-        child_only = (go_read, report_write, *procs_fds)
-        started_ns = time.monotonic_ns()
+        child_fds = ChildFds(go=go_read, report=report_write, control=child_control.fileno())
         try:
             pid = libc.clone(CLONE_FLAGS)
         except BaseException:
-            for fd in (go_write, report_read, *child_only):
+            for fd in (go_read, go_write, report_read, report_write):
                 os.close(fd)
             parent_control.close()
             child_control.close()
             raise
         if pid == 0:
-            _close_all_fds_except({child_control.fileno(), *child_only})
-            container_main(plan, child_fds)
-        for fd in child_only:
-            os.close(fd)
+            libc.close_fds_except({go_read, report_write, child_control.fileno()})
+            container_main(plan, child_fds, join_cgroup)
+        os.close(go_read)
+        os.close(report_write)
         child_control.close()
-        pidfd = os.pidfd_open(pid)
-        container = _Container(pid, pidfd, parent_control, report_read, cgroup, image, started_ns)
+        container = _Container(pid, os.pidfd_open(pid), parent_control, report_read, job_id)
         try:
             write_id_maps(pid, plan.id_mapping)
             os.write(go_write, b"g")
         except BaseException:
-            container.discard(remove_cgroup=False)  # the caller owns the cgroup
+            self._discard(container)
             raise
         finally:
             os.close(go_write)
         return container
 
-    def _take_warm(self, spec: JobSpec) -> _Container | None:
-        while self._warm and spec.image == DEFAULT_IMAGE:
+    def _discard(self, container: _Container) -> None:
+        try:
+            signal.pidfd_send_signal(container.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(container.pid, 0)
+        for fd in (container.pidfd, container.report_fd):
+            os.close(fd)
+        container.control.close()
+        self._janitor.remove(self.cgroups.directories(container.job_id))
+
+    def _ready_cgroup(self, container: _Container) -> JobCgroup | None:
+        """Wait until the container is prepared; its cgroup, or None if it failed (its
+        report then says why)."""
+        if container.control.recv(1) != READY:
+            return None
+        return self.cgroups.adopt(container.job_id)
+
+    def _take_warm(self, spec: JobSpec) -> tuple[_Container, JobCgroup] | None:
+        """A prepared container fits a job of the default image, hostname and disk size."""
+        while self._warm and (spec.image, spec.hostname, spec.limits.disk_bytes) == self._warm_shape():
             container = self._warm.pop(0)
             try:
-                container.cgroup.assign(spec.job_id, spec.limits)
-                return container
-            except OSError:
-                container.discard()  # it died while waiting, or the limits could not be set
+                cgroup = self._ready_cgroup(container)
+                if cgroup is not None:
+                    cgroup.assign(spec.job_id, spec.limits)
+                    return container, cgroup
+            except (OSError, CgroupError):
+                pass
+            self._discard(container)  # it died while waiting, or its limits could not be set
         return None
+
+    @staticmethod
+    def _warm_shape() -> tuple[str, str, int]:
+        return DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes
 
     def prewarm(self) -> None:
         """Fill the pool of prepared containers up to its target."""
         while len(self._warm) < self._warm_target:
             defaults = default_limit_policy().defaults
-            plan = self._container_plan(DEFAULT_IMAGE, defaults.disk_bytes)
-            cgroup = self.cgroups.create(new_job_id(), defaults)
-            try:
-                self._warm.append(self._clone(plan, cgroup, DEFAULT_IMAGE))
-            except BaseException:
-                cgroup.remove()
-                raise
+            plan = self._container_plan(DEFAULT_IMAGE, defaults.disk_bytes, DEFAULT_HOSTNAME)
+            self._warm.append(self._clone(plan, new_job_id(), defaults))
 
     def start(self, spec: JobSpec, on_done: Callable[[Result], None]) -> int:
         """Launch the job; on_done gets its Result from a later step(). Returns the
         container's host pid (for kill())."""
         order = self._job_order(spec)
-        container = self._take_warm(spec)
-        if container is None:
-            plan = self._container_plan(spec.image, spec.limits.disk_bytes)
-            cgroup = self.cgroups.create(spec.job_id, spec.limits)
+        warm = self._take_warm(spec)
+        if warm is not None:
+            container, cgroup = warm
+        else:
+            plan = self._container_plan(spec.image, spec.limits.disk_bytes, spec.hostname)
+            container = self._clone(plan, spec.job_id, spec.limits)
             try:
-                container = self._clone(plan, cgroup, spec.image)
+                cgroup = self._ready_cgroup(container)
             except BaseException:
-                cgroup.remove()
+                self._discard(container)
                 raise
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
         stdin_fd = _stdin_fd(spec.stdin)
         try:
-            container.cgroup.begin_accounting()
+            if cgroup is not None:  # else the container failed: its report says why
+                cgroup.begin_accounting()
+                send_order(container.control, order, (stdin_fd, stdout_write, stderr_write))
             started_ns = time.monotonic_ns()
-            send_order(container.control, order, (stdin_fd, stdout_write, stderr_write))
         except BaseException:
             for fd in (stdout_read, stderr_read):
                 os.close(fd)
-            container.discard()
+            if cgroup is not None:
+                cgroup.close()
+            self._discard(container)
             raise
         finally:
             for fd in (stdin_fd, stdout_write, stderr_write):
@@ -245,12 +253,20 @@ class Runtime:
             container.control.close()
         limits = spec.limits
         parallelism = cpu_parallelism(limits.cpus)
+        directories = self.cgroups.directories(container.job_id)
+
+        def on_gone() -> None:
+            if cgroup is not None:
+                cgroup.close()
+            self._janitor.remove(directories)
+
         self._supervisor.watch(
             RunningJob(
                 spec=spec,
                 pid=container.pid,
                 pidfd=container.pidfd,
-                cgroup=container.cgroup,
+                cgroup=cgroup,
+                on_gone=on_gone,
                 report_fd=container.report_fd,
                 stdout=_Stream(stdout_read, limits.output_bytes),
                 stderr=_Stream(stderr_read, limits.output_bytes),
@@ -265,7 +281,9 @@ class Runtime:
         return container.pid
 
     def run(self, spec: JobSpec) -> Result:
-        """Run one job to its end. Interrupted (Ctrl-C), it kills the job and cleans up first."""
+        """Run one job to its end and return its Result as soon as it is known; the
+        container's teardown finishes during later calls, or in settle() or close().
+        Interrupted (Ctrl-C), it kills the job and cleans up first."""
         results: list[Result] = []
         pid = self.start(spec, results.append)
         try:
@@ -273,13 +291,19 @@ class Runtime:
                 self._supervisor.step(None)
         except BaseException:
             self._supervisor.kill(pid, "interrupted")
-            while not results:
-                self._supervisor.step(1.0)
+            self._supervisor.settle()
             raise
         return results[0]
 
+    def settle(self) -> None:
+        """Wait until every finished job's container and cgroup are gone."""
+        self._supervisor.settle()
+        self._janitor.flush()
+
     def close(self) -> None:
-        """Discard the prepared containers (and their cgroups)."""
+        """Discard the prepared containers, settle, and stop the janitor."""
         while self._warm:
-            self._warm.pop().discard()
+            self._discard(self._warm.pop())
+        self._supervisor.settle()
+        self._janitor.close()
 

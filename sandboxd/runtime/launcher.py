@@ -102,7 +102,7 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int) -> 
     server = _Server(sock, runtime)
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
     try:
-        while server.open or runtime.supervisor.running:
+        while server.open or runtime.supervisor.pending:
             runtime.supervisor.step(None if server.open else 1.0)
             if not server.open:
                 for pid in list(server._pids.values()):

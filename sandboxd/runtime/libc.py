@@ -64,6 +64,16 @@ def clone(flags: int) -> int:
     return _check(_libc.syscall(_SYS_CLONE, ctypes.c_ulong(flags | 17), None, None, None, None), "clone")
 
 
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor above 2 but those kept (close_range(2) between them)."""
+    previous = 2
+    for fd in sorted(keep):
+        if fd > previous + 1:
+            os.closerange(previous + 1, fd)
+        previous = max(previous, fd)
+    os.closerange(previous + 1, 1 << 16)
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 

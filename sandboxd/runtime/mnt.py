@@ -102,14 +102,12 @@ def _mount_dev(plan: RootfsPlan, root: str) -> None:
     mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"size={plan.shm_bytes},mode=1777")
 
 
-def build_rootfs(plan: RootfsPlan) -> int:
-    """Assemble the container's root and pivot into it; afterwards '/' is the container.
-    Returns an O_PATH fd of the writable layer's tmpfs, which pivot_root hides from view."""
+def build_rootfs(plan: RootfsPlan) -> None:
+    """Assemble the container's root and pivot into it; afterwards '/' is the container."""
     # Our mounts must never propagate back to the host, nor the host's into us.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", plan.scratch_dir, "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={plan.writable_layer_bytes},mode=0755")
-    layer_fd = os.open(plan.scratch_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     root = f"{plan.scratch_dir}/root"
     os.mkdir(root, 0o755)
     _mount_overlays(plan, root)
@@ -121,20 +119,13 @@ def build_rootfs(plan: RootfsPlan) -> int:
     os.chdir(root)
     pivot_root(".", ".")
     umount2(".", MNT_DETACH)
-    os.chdir("/")
-    return layer_fd
+    os.chdir(plan.workdir)
 
 
-def resize_writable_layer(layer_fd: int, size_bytes: int) -> None:
-    """Give a prepared container's writable layer the job's size (tmpfs allows a remount)."""
-    mount(None, f"/proc/self/fd/{layer_fd}", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={size_bytes}")
-
-
-def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int, uid: int, gid: int) -> None:
-    """Write a copied-in file below the work directory, inside the container.
-
-    Runs after pivot_root, in the job's namespaces, and walks with O_NOFOLLOW so
-    nothing can redirect the write; the path was validated at the edge.
+def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int) -> None:
+    """Write a copied-in file below the work directory, inside the container, as the job's
+    user (so it owns what it was given). Walks with O_NOFOLLOW so nothing can redirect the
+    write; the path was validated at the edge.
     """
     directory_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -142,7 +133,6 @@ def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int
         for part in parents:
             try:
                 os.mkdir(part, 0o755, dir_fd=directory_fd)
-                os.chown(part, uid, gid, dir_fd=directory_fd, follow_symlinks=False)
             except FileExistsError:
                 pass
             next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory_fd)
@@ -154,7 +144,6 @@ def write_input_file(workdir: str, relative_path: str, content: bytes, mode: int
             view = memoryview(content)
             while view:
                 view = view[os.write(file_fd, view):]
-            os.fchown(file_fd, uid, gid)
             os.fchmod(file_fd, mode & 0o777)
         finally:
             os.close(file_fd)

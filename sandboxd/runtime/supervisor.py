@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sandboxd.job import JobSpec, Result, decide_status
-from sandboxd.runtime.cgroup import CgroupStats, JobCgroup
+from sandboxd.runtime.cgroup import CgroupError, CgroupStats, JobCgroup
 from sandboxd.runtime.pid import REPORT_EXEC_FAILED, REPORT_SETUP_FAILED, REPORT_STATUS
 
 _READ_CHUNK = 1 << 16
@@ -66,7 +66,8 @@ class RunningJob:
     spec: JobSpec
     pid: int
     pidfd: int
-    cgroup: JobCgroup
+    cgroup: JobCgroup | None  # None when the container failed before it had one
+    on_gone: Callable[[], None]  # clean-up once the container's init is reaped
     report_fd: int
     stdout: _Stream
     stderr: _Stream
@@ -76,9 +77,10 @@ class RunningJob:
     wall_deadline_ns: int
     next_cpu_check_ns: int
     report: bytearray = field(default_factory=bytearray)
-    wait_status: int | None = None
+    wait_status: int | None = None  # of the init, once reaped
     ended_ns: int | None = None
     killed_for: str | None = None
+    result: Result | None = None
 
 
 def _nonblocking(fd: int) -> None:
@@ -86,12 +88,17 @@ def _nonblocking(fd: int) -> None:
 
 
 class Supervisor:
+    """Delivers each job's Result as soon as it is known (its main process has ended and its
+    output is complete), then finishes the clean-up (namespace teardown, cgroup removal)
+    off the result's path, when the container's init is gone."""
+
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._jobs: dict[int, RunningJob] = {}  # by pid
+        self._jobs: dict[int, RunningJob] = {}  # by pid, until cleaned up
 
     @property
-    def running(self) -> int:
+    def pending(self) -> int:
+        """Jobs not yet cleaned up, whether or not their result was delivered."""
         return len(self._jobs)
 
     def watch(self, job: RunningJob) -> None:
@@ -107,12 +114,9 @@ class Supervisor:
         """Let an owner (the launcher server) share this loop for its own sockets."""
         self._selector.register(fd, selectors.EVENT_READ, callback)
 
-    def unregister_fd(self, fd: int) -> None:
-        self._selector.unregister(fd)
-
     def kill(self, pid: int, reason: str) -> None:
         job = self._jobs.get(pid)
-        if job is not None:
+        if job is not None and job.result is None:
             self._kill(job, reason)
 
     def step(self, max_wait_s: float | None) -> None:
@@ -134,17 +138,23 @@ class Supervisor:
                 self._read_stream(job, job.stdout if what == "stdout" else job.stderr)
         self._check_clocks()
 
+    def settle(self) -> None:
+        """Return once every job is delivered and cleaned up."""
+        while self._jobs:
+            self.step(1.0)
+
     def _seconds_to_next_deadline(self, max_wait_s: float | None) -> float | None:
-        if not self._jobs:
+        live = [job for job in self._jobs.values() if job.result is None]
+        if not live:
             return max_wait_s
-        next_ns = min(min(job.wall_deadline_ns, job.next_cpu_check_ns) for job in self._jobs.values())
+        next_ns = min(min(job.wall_deadline_ns, job.next_cpu_check_ns) for job in live)
         wait_s = max(0.0, (next_ns - time.monotonic_ns()) / 1e9)
         return wait_s if max_wait_s is None else min(wait_s, max_wait_s)
 
     def _check_clocks(self) -> None:
         now = time.monotonic_ns()
         for job in list(self._jobs.values()):
-            if job.killed_for is not None or job.wait_status is not None:
+            if job.killed_for is not None or job.ended_ns is not None:
                 continue
             if now >= job.wall_deadline_ns:
                 self._kill(job, "wall_time")
@@ -152,7 +162,7 @@ class Supervisor:
             if now >= job.next_cpu_check_ns:
                 limit_ns = int(job.spec.limits.cpu_time_s * 1e9)
                 try:
-                    used_ns = job.cgroup.cpu_time_ns()
+                    used_ns = job.cgroup.cpu_time_ns() if job.cgroup is not None else 0
                 except OSError:
                     used_ns = 0
                 if used_ns >= limit_ns:
@@ -163,7 +173,7 @@ class Supervisor:
                 job.next_cpu_check_ns = now + int(delay_s * 1e9)
 
     def _kill(self, job: RunningJob, reason: str) -> None:
-        if job.killed_for is None and job.wait_status is None:
+        if job.killed_for is None and job.ended_ns is None:
             job.killed_for = reason
         # Killing the namespace's PID 1 makes the kernel kill every process in it.
         try:
@@ -180,7 +190,7 @@ class Supervisor:
         if not data:
             self._close_fd(stream.fd)
             stream.open = False
-            self._maybe_finish(job)
+            self._maybe_deliver(job)
             return False
         if stream.take(data) and job.killed_for is None:
             self._kill(job, "output")
@@ -193,16 +203,19 @@ class Supervisor:
             return False
         if data:
             job.report += data
+            if job.ended_ns is None and job.report[:1] == REPORT_STATUS and len(job.report) >= 5:
+                job.ended_ns = time.monotonic_ns()  # the main process has ended
+            self._maybe_deliver(job)
             return True
         self._close_fd(job.report_fd)
         job.report_fd = -1
-        self._maybe_finish(job)
+        if job.ended_ns is None:
+            job.ended_ns = time.monotonic_ns()  # the init has gone: the container has ended
+        self._maybe_deliver(job)
         return False
 
     def _reap(self, job: RunningJob) -> None:
-        _, status = os.waitpid(job.pid, 0)
-        job.ended_ns = time.monotonic_ns()
-        job.wait_status = status
+        _, job.wait_status = os.waitpid(job.pid, 0)
         self._close_fd(job.pidfd)
         job.pidfd = -1
         # Every process of the namespace is gone now, so the pipes are at EOF: drain them.
@@ -211,7 +224,9 @@ class Supervisor:
                 pass
         while job.report_fd != -1 and self._read_report(job):
             pass
-        self._maybe_finish(job)
+        self._maybe_deliver(job)
+        del self._jobs[job.pid]
+        job.on_gone()
 
     def _close_fd(self, fd: int) -> None:
         try:
@@ -220,26 +235,22 @@ class Supervisor:
             pass
         os.close(fd)
 
-    def _maybe_finish(self, job: RunningJob) -> None:
-        if job.wait_status is None or job.stdout.open or job.stderr.open or job.report_fd != -1:
+    def _maybe_deliver(self, job: RunningJob) -> None:
+        """The result is known once the main process has ended (or the init has) and both
+        output streams are complete; the init's teardown need not be waited for."""
+        if job.result is not None or job.ended_ns is None or job.stdout.open or job.stderr.open:
             return
-        if job.pid not in self._jobs:
-            return
-        del self._jobs[job.pid]
-        job.on_done(_finish(job))
+        job.result = _finish(job)
+        job.on_done(job.result)
 
 
 def _finish(job: RunningJob) -> Result:
     stats: CgroupStats | None = None
     problems: list[str] = []
     try:
-        stats = job.cgroup.stats()
-    except OSError as error:
+        stats = job.cgroup.stats() if job.cgroup is not None else None
+    except (OSError, CgroupError) as error:
         problems.append(f"reading accounting failed: {error}")
-    try:
-        job.cgroup.remove()
-    except OSError as error:
-        problems.append(f"removing the job cgroup failed: {error}")
 
     exit_code: int | None = None
     signal_number: int | None = None
@@ -265,7 +276,7 @@ def _finish(job: RunningJob) -> Result:
         signal_number = signal.SIGKILL  # the OOM killer took the container's init
     else:
         internal = True
-        message = f"the container ended without a report (wait status {job.wait_status})"
+        message = "the container's init ended without a report"
 
     limits = job.spec.limits
     cpu_time_ms = stats.cpu_time_ns / 1e6 if stats else 0.0
