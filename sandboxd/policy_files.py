@@ -8,7 +8,7 @@ from pathlib import Path
 
 def read_policy_file(filename: str) -> str:
     try:
-        return resources.files("sandboxd.policies").joinpath(filename).read_text()
+        return resources.files("sandboxd.policies").joinpath(filename).read_text(encoding="utf-8")
     except ModuleNotFoundError:
         # Running from a source tree on sys.path: policies/ sits beside the package.
-        return (Path(__file__).resolve().parent.parent / "policies" / filename).read_text()
+        return (Path(__file__).resolve().parent.parent / "policies" / filename).read_text(encoding="utf-8")

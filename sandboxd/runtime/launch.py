@@ -39,7 +39,7 @@ from sandboxd.runtime.mnt import RootfsPlan
 from sandboxd.runtime.janitor import Janitor
 from sandboxd.runtime.net import loopback_up_request
 from sandboxd.runtime.seccomp import compiled_filter
-from sandboxd.runtime.supervisor import RunningJob, Supervisor, _Stream, cpu_parallelism
+from sandboxd.runtime.supervisor import RunningJob, Supervisor, OutputStream, cpu_parallelism
 from sandboxd.runtime.user import choose_id_mapping, write_id_maps
 from sandboxd.state import default_state_dir
 
@@ -268,8 +268,8 @@ class Runtime:
                 cgroup=cgroup,
                 on_gone=on_gone,
                 report_fd=container.report_fd,
-                stdout=_Stream(stdout_read, limits.output_bytes),
-                stderr=_Stream(stderr_read, limits.output_bytes),
+                stdout=OutputStream(stdout_read, limits.output_bytes),
+                stderr=OutputStream(stderr_read, limits.output_bytes),
                 started_ns=started_ns,
                 on_done=on_done,
                 cpu_parallelism=parallelism,

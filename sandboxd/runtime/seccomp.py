@@ -32,9 +32,9 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
+
+from sandboxd.policy_files import read_policy_file
 
 try:  # the distribution's binding (python3-seccomp) where installed, else the PyPI ctypes binding
     import seccomp  # type: ignore[import-not-found]
@@ -205,21 +205,12 @@ def _check_overlaps(rules: tuple[Rule, ...], where: str) -> None:
             (conditional if rule.args else unconditional).setdefault(name, i)
 
 
-def _policy_dir() -> Any:
-    try:
-        return resources.files("sandboxd.policies")
-    except ModuleNotFoundError:
-        # A source checkout that was not pip-installed: setuptools maps policies/ to
-        # sandboxd.policies only in an installed package.
-        return Path(__file__).resolve().parents[2] / "policies"
-
-
 def load_policy(name: str = "default") -> SeccompPolicy:
     if not re.fullmatch(r"[a-z0-9_-]+", name):  # also keeps the name from leaving policies/
         raise PolicyError(f"seccomp policy name {name!r}: must match ^[a-z0-9_-]+$")
     where = f"policies/{name}.json"
     try:
-        text = _policy_dir().joinpath(f"{name}.json").read_text(encoding="utf-8")
+        text = read_policy_file(f"{name}.json")
     except FileNotFoundError:
         raise PolicyError(f"{where}: no such seccomp policy") from None
     return parse_policy(text, where)

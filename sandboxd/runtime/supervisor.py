@@ -39,7 +39,7 @@ _WALL_CLOCK_SOURCE = "CLOCK_MONOTONIC, clone() to reaping the container's init"
 
 
 @dataclass
-class _Stream:
+class OutputStream:
     fd: int
     limit_bytes: int
     chunks: list[bytes] = field(default_factory=list)
@@ -69,8 +69,8 @@ class RunningJob:
     cgroup: JobCgroup | None  # None when the container failed before it had one
     on_gone: Callable[[], None]  # clean-up once the container's init is reaped
     report_fd: int
-    stdout: _Stream
-    stderr: _Stream
+    stdout: OutputStream
+    stderr: OutputStream
     started_ns: int
     on_done: Callable[[Result], None]
     cpu_parallelism: int
@@ -181,7 +181,7 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
-    def _read_stream(self, job: RunningJob, stream: _Stream) -> bool:
+    def _read_stream(self, job: RunningJob, stream: OutputStream) -> bool:
         """Read once; False when nothing was there to read (yet)."""
         try:
             data = os.read(stream.fd, _READ_CHUNK)

@@ -218,3 +218,32 @@ def test_setup_failure_is_an_internal_error_with_a_message(runtime):
     result = runtime.run(job(["true"], files={"big.bin": too_big}, disk="2m"))
     assert result.status == "internal_error"
     assert "No space left" in result.message
+
+
+def _host_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def test_job_runs_as_a_host_uid_that_is_neither_root_nor_the_service(runtime):
+    from sandboxd.runtime.user import choose_id_mapping
+
+    mapping = choose_id_mapping(1000, 1000)
+    if mapping.scheme == "single":
+        pytest.skip("no /etc/subuid range for this user: the job shares the service's uid, as bubblewrap's")
+    results = []
+    init_pid = runtime.start(job(["sleep", "30"]), results.append)
+    children = Path(f"/proc/{init_pid}/task/{init_pid}/children")
+    while not children.read_text().split():  # the job is spawned right after the order
+        runtime.supervisor.step(0.01)
+    job_pid = int(children.read_text().split()[0])
+    try:
+        host_uid = _host_uid(job_pid)
+    finally:
+        runtime.supervisor.kill(init_pid, "test over")
+        while not results:
+            runtime.supervisor.step(1.0)
+    assert host_uid not in (0, os.getuid())
+    assert host_uid == mapping.job_host_uid(1000)
