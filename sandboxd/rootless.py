@@ -5,13 +5,12 @@
    - v1: the user's processes sit where /proc/self/cgroup shows for them; on a host where they
      are started from root's session (runuser, su, a service root starts) that is root's own
      cgroup in every hierarchy. So, per hierarchy of cpu, cpuacct, memory, pids, root creates
-     `<root's own cgroup>/sandboxd` and chowns it and its `tasks` and `cgroup.procs` to the
-     user: exactly the directory CgroupV1Driver computes for a process in that cgroup. The
-     user's driver accepts it because the user owns it, and the job directories it creates
-     inside (and their limit files) belong to the user. v1 knows no nesting rule for moving
-     processes, so the user's own processes can be attached from wherever they sit. One such
-     directory per cgroup, hence one delegated user per cgroup: setup refuses to hand a
-     directory already delegated to someone else to a second user.
+     `<root's own cgroup>/sandboxd/user-NAME` and chowns it and its `tasks` and `cgroup.procs`
+     to the user: exactly the directory CgroupV1Driver computes for that user's process in
+     that cgroup. The job directories the user creates inside (and their limit files) belong
+     to the user. v1 knows no nesting rule for moving processes, so the user's own processes
+     can be attached from wherever they sit. Root's own jobs stay in `sandboxd`, root-owned,
+     and any number of users can be delegated beside each other.
    - v2: a process may only be moved between cgroups below a common ancestor whose
      cgroup.procs the writer may write, so the user's service must itself run inside the
      delegated cgroup. Root creates `<root's own cgroup X>/sandboxd/user-NAME` (controllers
@@ -139,19 +138,6 @@ def _make_dirs(own: str, parts: list[str]) -> tuple[str, bool]:
     return path, created
 
 
-def _check_not_delegated_elsewhere(path: str, account: _User) -> None:
-    owner = os.stat(path).st_uid
-    if owner not in (0, account.uid):
-        try:
-            name = pwd.getpwuid(owner).pw_name
-        except KeyError:
-            name = f"uid {owner}"
-        raise SetupError(
-            f"{path} is delegated to {name} already; on cgroup v1 one user per cgroup can have it "
-            f"(start {account.name}'s processes in another cgroup, or remove it: rmdir {path})"
-        )
-
-
 def _delegate_v1(account: _User, base: str) -> list[str]:
     from sandboxd.runtime.cgroup_v1 import controller_dirs
 
@@ -160,9 +146,14 @@ def _delegate_v1(account: _User, base: str) -> list[str]:
     for controller, own in controller_dirs().items():
         hierarchies.setdefault(own, []).append(controller)
     for own, controllers in hierarchies.items():
-        path, created = _make_dirs(own, check_base(base))
-        _check_not_delegated_elsewhere(path, account)
+        path, created = _make_dirs(own, check_base(base) + [f"user-{account.name}"])
         what = f"cgroup v1 {','.join(controllers)}"
+        parent = os.path.dirname(path)
+        if os.stat(parent).st_uid != 0:
+            # Earlier versions delegated `<base>` itself; root's own jobs need it back.
+            for entry in (parent, parent + "/tasks", parent + "/cgroup.procs"):
+                os.chown(entry, 0, 0)
+            lines.append(f"took {parent} back for root's own jobs ({what})")
         changed = _chown([path, path + "/tasks", path + "/cgroup.procs"], account)
         if created:
             lines.append(f"created {path} and delegated it to {account.name} ({what})")

@@ -160,7 +160,7 @@ def subid_entries(path: str) -> list[tuple[str, int, int]]:
 def delegated_dirs(account: User) -> list[str]:
     if is_pure_v2():
         return [os.path.join(own_dirs()[0], BASE, f"user-{account.name}")]
-    return [os.path.join(own, BASE) for own in own_dirs()]
+    return [os.path.join(own, BASE, f"user-{account.name}") for own in own_dirs()]
 
 
 def try_to_create_a_job() -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 
 from sandboxd.limits import Limits
 from sandboxd.runtime.cgroup import (
@@ -129,11 +130,20 @@ def _write_caps(dirs: dict[str, str], limits: Limits, memsw: bool, lowering: boo
     write_file(dirs["cpu"] + "/cpu.cfs_quota_us", b"%d" % quota)
 
 
+def user_subdirectory() -> list[str]:
+    """v1 cannot move an unprivileged user's processes into a delegated cgroup, so each user
+    gets `<base>/user-<name>` (created by `sandboxd setup --user`) beside root's jobs in
+    `<base>`: several users, and root, share a host without taking each other's directory."""
+    if os.geteuid() == 0:
+        return []
+    return [f"user-{pwd.getpwuid(os.geteuid()).pw_name}"]
+
+
 class CgroupV1Driver(CgroupDriver):
     version = 1
 
     def __init__(self, base: str = "sandboxd") -> None:
-        parts = check_base(base)
+        parts = check_base(base) + user_subdirectory()
         own = controller_dirs()
         paths = own_cgroups()
         self.base = base
@@ -149,8 +159,10 @@ class CgroupV1Driver(CgroupDriver):
         self.anchor = self._unique[0]
         for controller_own in dict.fromkeys(own.values()):
             path = controller_own
-            for part in parts:
+            for index, part in enumerate(parts):
                 path = os.path.join(path, part)
+                if index < len(parts) - 1 and os.path.isdir(path):
+                    continue  # a parent need not be ours, only the directory we create in
                 _ensure_dir(path)
         memory = self.parents["memory"]
         self._memsw = os.path.exists(memory + "/memory.memsw.limit_in_bytes")
