@@ -3,6 +3,7 @@ guard that must pass before any hostile test (fork bombs, fillers) may run."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from sandboxd.job import InputFile, JobSpec, Result
-from sandboxd.limits import default_limit_policy
+from sandboxd.limits import Limits, default_limit_policy
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -68,6 +69,23 @@ def nothing_leaks(request: pytest.FixtureRequest):
     assert overlay_mounts == [], "an overlay mount leaked into the host's mount namespace"
     state = request.getfixturevalue("state_dir")
     assert not any((state / "mnt").iterdir()), "the scratch mount point is not empty on the host"
+
+
+def limits(**changes: Any) -> Limits:
+    return dataclasses.replace(default_limit_policy().defaults, **changes)
+
+
+def own_dirs() -> list[str]:
+    """This process's own cgroup directories, in every hierarchy a driver uses."""
+    from sandboxd.runtime.cgroup import is_pure_v2
+
+    if is_pure_v2():
+        from sandboxd.runtime.cgroup_v2 import own_unified_dir
+
+        return [own_unified_dir()]
+    from sandboxd.runtime.cgroup_v1 import controller_dirs
+
+    return list(dict.fromkeys(controller_dirs().values()))
 
 
 def job(argv: list[str] | tuple[str, ...], *, stdin: bytes | None = None,

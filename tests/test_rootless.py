@@ -21,9 +21,8 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import limits, own_dirs
 import sandboxd.runtime.cgroup_v1  # noqa: F401  (imported before switching to the test user)
-import sandboxd.runtime.cgroup_v2  # noqa: F401
-from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.rootless import SetupError, enter_delegated_cgroup, first_free_base, setup_user
 from sandboxd.runtime.cgroup import CgroupError, detect_driver, is_pure_v2, rmdir_cgroup
 from sandboxd.state import SYSTEM_STATE_DIR, user_state_dir_for
@@ -40,18 +39,6 @@ SNAPSHOT = (
 )
 
 
-def limits(**changes: Any) -> Limits:
-    return dataclasses.replace(default_limit_policy().defaults, **changes)
-
-
-def own_dirs() -> list[str]:
-    if is_pure_v2():
-        from sandboxd.runtime.cgroup_v2 import own_unified_dir
-
-        return [own_unified_dir()]
-    from sandboxd.runtime.cgroup_v1 import controller_dirs
-
-    return list(dict.fromkeys(controller_dirs().values()))
 
 
 @dataclasses.dataclass(frozen=True)

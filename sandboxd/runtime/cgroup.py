@@ -374,6 +374,15 @@ def rmdir_cgroup(path: str, timeout: float = 5.0) -> bool:
             backoff.wait()
 
 
+def job_names(directory: str) -> set[str]:
+    """The `job-*` cgroups directly below `directory` (none if it does not exist)."""
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name for e in entries if e.name.startswith("job-") and e.is_dir(follow_symlinks=False)}
+    except FileNotFoundError:
+        return set()
+
+
 def check_job_id(job_id: str) -> str:
     if not _JOB_ID.fullmatch(job_id):
         raise CgroupError(f"bad job id {job_id!r}: 1-128 of [A-Za-z0-9_.-], not starting with '.'")

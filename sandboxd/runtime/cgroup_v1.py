@@ -47,6 +47,7 @@ from sandboxd.runtime.cgroup import (
     check_base,
     check_job_id,
     flat_keyed,
+    job_names,
     kill_cgroup_processes,
     own_cgroups,
     read_file,
@@ -213,14 +214,7 @@ class CgroupV1Driver(CgroupDriver):
 
     def remove_stale(self) -> list[str]:
         """Jobs in the anchor hierarchy that this driver did not create (see __init__)."""
-        try:
-            with os.scandir(self.anchor) as entries:
-                names = {
-                    e.name for e in entries if e.name.startswith("job-") and e.is_dir(follow_symlinks=False)
-                }
-        except FileNotFoundError:
-            return []
-        names -= self._live
+        names = job_names(self.anchor) - self._live
         for name in sorted(names):
             dirs = {c: p + "/" + name for c, p in self.parents.items()}
             CgroupV1Job(name, name[4:], dirs, -1, self._memsw, self._pids_peak, set()).remove()

@@ -56,6 +56,7 @@ from sandboxd.runtime.cgroup import (
     check_base,
     check_job_id,
     flat_keyed,
+    job_names,
     kill_cgroup_processes,
     own_cgroups,
     read_file,
@@ -274,14 +275,7 @@ class CgroupV2Driver(CgroupDriver):
         return (self.parent + "/" + check_job_id(job_id),)
 
     def remove_stale(self) -> list[str]:
-        try:
-            with os.scandir(self.parent) as entries:
-                names = {
-                    e.name for e in entries if e.name.startswith("job-") and e.is_dir(follow_symlinks=False)
-                }
-        except FileNotFoundError:
-            return []
-        names -= self._live
+        names = job_names(self.parent) - self._live
         for name in sorted(names):
             CgroupV2Job(name, name[4:], self.parent + "/" + name, -1, self, set()).remove()
         return sorted(names)

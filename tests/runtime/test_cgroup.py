@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import ctypes
-import dataclasses
 import errno
 import os
 import select
@@ -23,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 
-from sandboxd.limits import Limits, default_limit_policy
+from conftest import limits, own_dirs
 from sandboxd.runtime.cgroup import (
     CgroupDriver,
     CgroupError,
@@ -41,19 +40,6 @@ TOP = "sandboxd"
 BASE = f"{TOP}/test-{os.getpid()}"
 
 
-def limits(**changes: Any) -> Limits:
-    return dataclasses.replace(default_limit_policy().defaults, **changes)
-
-
-def own_dirs() -> list[str]:
-    """This process's own cgroup directories, in every hierarchy a driver uses."""
-    if is_pure_v2():
-        from sandboxd.runtime.cgroup_v2 import own_unified_dir
-
-        return [own_unified_dir()]
-    from sandboxd.runtime.cgroup_v1 import controller_dirs
-
-    return list(dict.fromkeys(controller_dirs().values()))
 
 
 def parents(driver: CgroupDriver) -> list[str]:

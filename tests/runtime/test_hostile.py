@@ -4,7 +4,6 @@ namespace under a working pids cap, these would error out before running."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
