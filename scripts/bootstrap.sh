@@ -19,16 +19,17 @@ fi
 
 missing=()
 for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+  # nodejs may come from elsewhere than Debian; a working `node` is what counts.
+  if [[ $package == nodejs ]] && command -v node >/dev/null; then
+    continue
+  fi
+  status=$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null) || status=
+  [[ $status == *"ok installed"* ]] || missing+=("$package")
 done
-# nodejs may come from elsewhere than Debian; a working `node` is what counts.
-if [[ " ${missing[*]} " == *" nodejs "* ]] && command -v node >/dev/null; then
-  missing=("${missing[@]/nodejs}")
-fi
-if [[ -n "${missing[*]// /}" ]]; then
+if [[ ${#missing[@]} -gt 0 ]]; then
   sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends ${missing[*]}
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 if [[ ! -x $venv/bin/python ]]; then

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import limits, own_dirs
 import sandboxd.runtime.cgroup_v1  # noqa: F401  (imported before switching to the test user)
+import sandboxd.runtime.cgroup_v2  # noqa: F401
 from sandboxd.rootless import SetupError, enter_delegated_cgroup, first_free_base, setup_user
 from sandboxd.runtime.cgroup import CgroupError, detect_driver, is_pure_v2, rmdir_cgroup
 from sandboxd.state import SYSTEM_STATE_DIR, user_state_dir_for
