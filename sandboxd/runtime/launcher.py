@@ -6,7 +6,7 @@ warm containers ready, and results come back as they finish.
 
 Frames are a 4-byte length and a pickle, between a parent and the child it started itself.
   to the launcher:   ("run", token, JobSpec) | ("kill", token) | ("close",)
-  from the launcher: ("done", token, Result) | ("error", token, kind, message)
+  from the launcher: ("ready",) once, then ("done", token, Result) | ("error", token, kind, message)
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int) -> 
 
     runtime = Runtime(state_dir=state_dir, warm_containers=warm_containers)
     runtime.prewarm()
+    sock.sendall(_frame(("ready",)))
     sock.setblocking(False)
     server = _Server(sock, runtime)
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
@@ -133,6 +134,13 @@ class LauncherClient:
         self._process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            header = await reader.readexactly(_FRAME.size)
+            greeting = pickle.loads(await reader.readexactly(_FRAME.unpack(header)[0]))
+        except asyncio.IncompleteReadError:
+            raise LauncherError("internal", "the launcher exited while starting (see its stderr)") from None
+        if greeting != ("ready",):
+            raise LauncherError("internal", f"the launcher said {greeting!r} instead of ready")
         self._reader_task = asyncio.create_task(self._read_loop(reader))
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
