@@ -18,8 +18,8 @@ stage=
 summary=()
 
 # The cgroup v1 directories `sandboxd` below this process's own cgroups: where the root lane's
-# jobs go, and (delegated by `sandboxd setup`) the rootless lane's, whose processes sit in the
-# same cgroups since runuser keeps them there.
+# jobs go, and below them (in `user-NAME`, delegated by `sandboxd setup`) the rootless lane's,
+# whose processes sit in the same cgroups since runuser keeps them there.
 sandboxd_cgroup_dirs() {
   local _ controllers path controller
   while IFS=: read -r _ controllers path; do
@@ -37,10 +37,11 @@ job_cgroups() {
 }
 
 # Undo what an earlier run left in those directories, so the root lane starts as on a fresh
-# machine: the delegation to the test user (root's containers, host root without capabilities
-# outside their user namespace, cannot create job cgroups in a directory root does not own),
-# and empty job cgroups of an interrupted run (the tests fail on any job-* they find). A job
-# cgroup that still has processes refuses rmdir and stays.
+# machine: `sandboxd` itself delegated to the test user (by `sandboxd setup` before it moved to
+# `sandboxd/user-NAME`; root's containers, host root without capabilities outside their user
+# namespace, cannot create job cgroups in a directory root does not own), and empty job
+# cgroups of an interrupted run (the tests fail on any job-* they find). A job cgroup that
+# still has processes refuses rmdir and stays.
 restore_cgroups() {
   local uid dir job
   uid=$(id -u "$test_user" 2>/dev/null) || uid=

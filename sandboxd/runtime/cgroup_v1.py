@@ -133,8 +133,8 @@ def _write_caps(dirs: dict[str, str], limits: Limits, memsw: bool, lowering: boo
 
 def user_subdirectory() -> list[str]:
     """v1 cannot move an unprivileged user's processes into a delegated cgroup, so each user
-    gets `<base>/user-<name>` (created by `sandboxd setup --user`) beside root's jobs in
-    `<base>`: several users, and root, share a host without taking each other's directory."""
+    gets `sandboxd/user-<name>` (created by `sandboxd setup --user`) beside root's jobs in
+    `sandboxd`: several users, and root, share a host without taking each other's directory."""
     if os.geteuid() == 0:
         return []
     return [f"user-{pwd.getpwuid(os.geteuid()).pw_name}"]
@@ -144,7 +144,8 @@ class CgroupV1Driver(CgroupDriver):
     version = 1
 
     def __init__(self, base: str = "sandboxd") -> None:
-        parts = check_base(base) + user_subdirectory()
+        parts = check_base(base)
+        parts[1:1] = user_subdirectory()  # `sandboxd/user-NAME/...`: what setup delegates
         own = controller_dirs()
         paths = own_cgroups()
         self.base = base

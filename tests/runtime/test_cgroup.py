@@ -23,6 +23,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import limits, overhead_ms, own_dirs
+from sandboxd.runtime.cgroup_v1 import user_subdirectory
 from sandboxd.runtime.cgroup import (
     CgroupDriver,
     CgroupError,
@@ -56,6 +57,11 @@ def job_dirs(driver: CgroupDriver) -> list[str]:
     return found
 
 
+def user_dirs(tops: list[str]) -> list[str]:
+    """Where `sandboxd setup --user` delegates to this (unprivileged) user on v1."""
+    return [os.path.join(top, *user_subdirectory()) for top in tops]
+
+
 @pytest.fixture(scope="module")
 def driver():
     tops = [os.path.join(d, TOP) for d in own_dirs()]
@@ -64,6 +70,8 @@ def driver():
         drv = detect_driver(BASE)
     except CgroupError as error:
         delegated = all(os.path.isdir(top) and os.stat(top).st_uid == os.geteuid() for top in tops)
+        delegated = delegated or all(os.path.isdir(path) and os.stat(path).st_uid == os.geteuid()
+                                     for path in user_dirs(tops))
         if os.geteuid() != 0 and not delegated:  # no `sandboxd setup --user` for this user
             pytest.skip(f"cgroups are not delegated to uid {os.geteuid()}: {error}")
         raise
@@ -212,8 +220,9 @@ def test_detect_driver_picks_host_version(driver):
         assert depth[[c for c, p in driver.parents.items() if p == driver.anchor][0]] == max(depth.values())
         # Each parent nests under this process's own cgroup of that controller.
         own = own_cgroups()
+        base = BASE if os.geteuid() == 0 else BASE.replace(TOP, f"{TOP}/{user_subdirectory()[0]}", 1)
         for controller, parent in driver.parents.items():
-            assert parent.endswith(own[controller].rstrip("/") + "/" + BASE)
+            assert parent.endswith(own[controller].rstrip("/") + "/" + base)
 
 
 def test_cpu_time_matches_the_childs_own_usage(driver):
