@@ -104,12 +104,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sandboxd.images import UnknownImageError, resolve_image
     from sandboxd.runtime.cgroup import CgroupError
     from sandboxd.runtime.launch import Runtime
+    from sandboxd.state import default_state_dir
 
     spec = _spec_from_args(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    state_dir = args.state_dir or default_state_dir()
     try:
-        runtime = Runtime(state_dir=args.state_dir)
-        resolve_image(spec.image, runtime.state_dir)
+        resolve_image(spec.image, state_dir)
+        runtime = Runtime(state_dir=state_dir)
     except UnknownImageError as error:
         raise UsageError(str(error.args[0])) from None
     except (CgroupError, OSError) as error:
@@ -117,10 +119,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     try:
         result = runtime.run(spec)
-        runtime.close()
     except KeyboardInterrupt:
         print("sandboxd: interrupted; the job was killed", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        runtime.close()  # the container's teardown and cgroup removal, before we exit
     if args.json:
         json.dump(result.to_json_dict(include_base64=args.base64), sys.stdout)
         sys.stdout.write("\n")
