@@ -35,7 +35,7 @@ _RESULT_FIGURES = {
     "pids_peak": "pids_peak",
     "oom_killed": "oom_kills",
 }
-_WALL_CLOCK_SOURCE = "CLOCK_MONOTONIC, clone() to reaping the container's init"
+_WALL_CLOCK_SOURCE = "CLOCK_MONOTONIC, from the job's order to the end of its main process"
 
 
 @dataclass
@@ -77,7 +77,6 @@ class RunningJob:
     wall_deadline_ns: int
     next_cpu_check_ns: int
     report: bytearray = field(default_factory=bytearray)
-    wait_status: int | None = None  # of the init, once reaped
     ended_ns: int | None = None
     killed_for: str | None = None
     result: Result | None = None
@@ -215,7 +214,7 @@ class Supervisor:
         return False
 
     def _reap(self, job: RunningJob) -> None:
-        _, job.wait_status = os.waitpid(job.pid, 0)
+        os.waitpid(job.pid, 0)
         self._close_fd(job.pidfd)
         job.pidfd = -1
         # Every process of the namespace is gone now, so the pipes are at EOF: drain them.

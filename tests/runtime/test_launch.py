@@ -247,3 +247,8 @@ def test_job_runs_as_a_host_uid_that_is_neither_root_nor_the_service(runtime):
             runtime.supervisor.step(1.0)
     assert host_uid not in (0, os.getuid())
     assert host_uid == mapping.job_host_uid(1000)
+
+
+def test_job_inherits_only_its_three_standard_streams(runtime):
+    result = runtime.run(python_job("import os; print(sorted(os.listdir('/proc/self/fd')))"))
+    assert result.stdout == b"['0', '1', '2', '3']\n"  # 3: the listing's own directory
