@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -115,7 +117,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except UnknownImageError as error:
         raise UsageError(str(error.args[0])) from None
     except (CgroupError, OSError) as error:
-        print(f"sandboxd: cannot start the runtime: {error}", file=sys.stderr)
+        hint = ""
+        if os.geteuid() != 0 and "setup" not in str(error):
+            hint = (f"; as root, `sandboxd setup --user {getpass.getuser()}` prepares a state "
+                    f"directory and cgroups for this user (or set SANDBOXD_STATE_DIR)")
+        print(f"sandboxd: cannot start the runtime: {error}{hint}", file=sys.stderr)
         return EXIT_INTERNAL
     try:
         result = runtime.run(spec)
