@@ -43,11 +43,8 @@ class JobCgroup(abc.ABC):
 
     @abc.abstractmethod
     def attach(self, pid: int) -> None:
-        """Move a process (by host pid) into the job's cgroup in every controller."""
-
-    @abc.abstractmethod
-    def procs_files(self) -> tuple[str, ...]:
-        """The cgroup.procs file of every hierarchy: a process joins by writing "0" to each."""
+        """Move a process (by host pid; 0 is the caller) into the job's cgroup in every
+        controller."""
 
     @abc.abstractmethod
     def cpu_time_ns(self) -> int:

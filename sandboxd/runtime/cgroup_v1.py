@@ -251,8 +251,6 @@ class CgroupV1Job(JobCgroup):
         for procs in self._procs:
             write_file(procs, data)
 
-    def procs_files(self) -> tuple[str, ...]:
-        return tuple(self._procs)
 
     def cpu_time_ns(self) -> int:
         return int(os.pread(self._usage_fd, 32, 0)) - self._base[0]

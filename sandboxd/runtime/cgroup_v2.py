@@ -301,8 +301,6 @@ class CgroupV2Job(JobCgroup):
     def attach(self, pid: int) -> None:
         write_file(self.path + "/cgroup.procs", b"%d" % pid)
 
-    def procs_files(self) -> tuple[str, ...]:
-        return (self.path + "/cgroup.procs",)
 
     def cpu_time_ns(self) -> int:
         head = os.pread(self._stat_fd, 64, 0)  # "usage_usec N\n..." comes first
