@@ -16,7 +16,7 @@ cache=${SANDBOXD_VM_CACHE:-/var/cache/sandboxd-vm}
 watchdog=${SANDBOXD_VM_TIMEOUT:-2400}
 mem=${SANDBOXD_VM_MEMORY:-4096}
 cpus=${SANDBOXD_VM_CPUS:-2}
-# The guest CPU model (qemu -cpu). See tests/vm/README.md for why this is not `max`.
+# The guest CPU model (qemu -cpu); tests/vm/README.md says why `max` is kept.
 cpu_model=${SANDBOXD_VM_CPU:-max}
 runs=${SANDBOXD_VM_RUNS:-root user}
 delegation=${SANDBOXD_VM_DELEGATION:-auto}
