@@ -19,6 +19,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 EMULATED_CPU = os.environ.get("SANDBOXD_TEST_LANE") == "cgroup2-vm"
 
 
+# HotSpot patches JIT-compiled code while other threads run it; under multi-threaded TCG that
+# crashes about one JVM launch in 60 (SIGSEGV or SIGILL at a just-patched method entry). The
+# interpreter patches no code (and is faster there: compiling is what emulation makes slow).
+JVM_FLAGS: tuple[str, ...] = ("-Xint",) if EMULATED_CPU else ()
+
+
 def overhead_ms(hardware_ms: float, emulated_ms: float) -> float:
     return emulated_ms if EMULATED_CPU else hardware_ms
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job, overhead_ms, python_job
+from conftest import JVM_FLAGS, job, overhead_ms, python_job
 
 MiB = 1 << 20
 
@@ -199,7 +199,8 @@ def test_gcc_compiles_and_runs_a_c_program(runtime):
     (["python3", "-c", "print(6 * 7)"], b"42\n"),
     (["sh", "-c", "printf '#include <iostream>\\nint main(){std::cout<<42<<std::endl;}' > m.cc && g++ -o m m.cc && ./m"], b"42\n"),
     (["node", "-e", "console.log(6 * 7)"], b"42\n"),
-    (["sh", "-c", "printf 'class M{public static void main(String[] a){System.out.println(42);}}' > M.java && java M.java"], b"42\n"),
+    (["sh", "-c", "printf 'class M{public static void main(String[] a){System.out.println(42);}}' > M.java"
+                  f" && java {' '.join(JVM_FLAGS)} M.java"], b"42\n"),
 ])
 def test_host_toolchains_run_in_the_host_image(runtime, argv, expected):
     # A JVM compiling a class costs seconds of CPU, ten times that under emulation.

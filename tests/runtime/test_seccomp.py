@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import pytest
 
+from conftest import JVM_FLAGS
+
 from sandboxd.runtime import seccomp as sc
 from sandboxd.runtime.seccomp import (
     PolicyError,
@@ -286,7 +288,7 @@ def test_jvm_compiles_and_runs_threads(tmp_path: Path) -> None:
     (tmp_path / "Hello.java").write_text(
         "public class Hello { public static void main(String[] a) throws Exception {"
         " Thread t = new Thread(() -> System.out.println(6 * 7)); t.start(); t.join(); } }\n")
-    assert value_of(lambda: tool(["java", "Hello.java"], tmp_path)) == (0, "42\n")
+    assert value_of(lambda: tool(["java", *JVM_FLAGS, "Hello.java"], tmp_path)) == (0, "42\n")
 
 
 # --- other ABIs are killed -----------------------------------------------------------------
