@@ -34,6 +34,11 @@ class Image:
     gid: int = 1000
 
 
+def available_images(state_dir: Path) -> list[dict[str, str]]:
+    """The images jobs may name, for listings and validation at the edge."""
+    return [{"name": "host", "description": "the host's /usr, read-only, with a minimal generated /etc"}]
+
+
 def resolve_image(name: str, state_dir: Path) -> Image:
     if name == "host":
         from sandboxd.images.host import host_image

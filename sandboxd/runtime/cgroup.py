@@ -99,6 +99,21 @@ class CgroupDriver(abc.ABC):
     def remove_stale(self) -> list[str]:
         """Remove job cgroups left by a process that died (e.g. after SIGKILL); returns names."""
 
+    @abc.abstractmethod
+    def parent_dirs(self) -> tuple[str, ...]:
+        """The directories job cgroups are created in."""
+
+    def release(self) -> None:
+        """Remove the job parent directories when the base is this driver's own (more than
+        one component, as a service's `sandboxd/service-ID`) and they are empty."""
+        if len(check_base(self.base)) < 2:
+            return  # `sandboxd` itself is shared (and may be delegated by root)
+        for path in self.parent_dirs():
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # not empty: a job is still being removed, or another user shares it
+
 
 # --- locating cgroups: shared by both drivers, detect_driver() and `sandboxd setup` ---------
 

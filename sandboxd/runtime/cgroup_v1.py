@@ -213,6 +213,9 @@ class CgroupV1Driver(CgroupDriver):
         name = check_job_id(job_id)
         return tuple(parent + "/" + name for parent in reversed(self._unique))  # the anchor last
 
+    def parent_dirs(self) -> tuple[str, ...]:
+        return tuple(self._unique)
+
     def remove_stale(self) -> list[str]:
         """Jobs in the anchor hierarchy that this driver did not create (see __init__)."""
         names = job_names(self.anchor) - self._live

@@ -274,6 +274,9 @@ class CgroupV2Driver(CgroupDriver):
     def directories(self, job_id: str) -> tuple[str, ...]:
         return (self.parent + "/" + check_job_id(job_id),)
 
+    def parent_dirs(self) -> tuple[str, ...]:
+        return (self.parent,)
+
     def remove_stale(self) -> list[str]:
         names = job_names(self.parent) - self._live
         for name in sorted(names):

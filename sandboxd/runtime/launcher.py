@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -92,10 +94,20 @@ class _Server:
         self._sock.setblocking(False)
 
 
-def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int) -> None:
+def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgroup_base: str) -> None:
+    from sandboxd.runtime import libc
+    from sandboxd.runtime.cgroup import detect_driver
     from sandboxd.runtime.launch import Runtime
 
-    runtime = Runtime(state_dir=state_dir, warm_containers=warm_containers)
+    # Dies with the service, even by SIGKILL; containers die with us (their own PDEATHSIG).
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        return  # the service died before the line above took effect
+    driver = detect_driver(cgroup_base)
+    # Job cgroups a killed launcher of this service left behind: their processes are dying
+    # or dead; nothing else creates cgroups under this service's own base.
+    driver.remove_stale()
+    runtime = Runtime(state_dir=state_dir, cgroup_driver=driver, warm_containers=warm_containers)
     runtime.prewarm()
     sock.sendall(_frame(("ready",)))
     sock.setblocking(False)
@@ -109,18 +121,22 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int) -> 
                     runtime.supervisor.kill(pid, "cancelled")
     finally:
         runtime.close()
+        driver.release()
 
 
 class LauncherClient:
     """The service's side: start the launcher once, then `await run(spec)` per job."""
 
-    def __init__(self, state_dir: Path | None = None, warm_containers: int = 2) -> None:
+    def __init__(self, state_dir: Path | None = None, warm_containers: int = 2,
+                 cgroup_base: str = "sandboxd") -> None:
         self._state_dir = state_dir
         self._warm = warm_containers
+        self._cgroup_base = cgroup_base
         self._process: subprocess.Popen | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._futures: dict[int, asyncio.Future] = {}
+        self._tokens: dict[str, int] = {}  # job id -> token, while the job runs
         self._next_token = 0
 
     async def start(self) -> None:
@@ -128,10 +144,13 @@ class LauncherClient:
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
         argv = [sys.executable, "-m", "sandboxd.runtime.launcher", "--fd", str(theirs.fileno()),
-                "--warm", str(self._warm)]
+                "--warm", str(self._warm), "--cgroup-base", self._cgroup_base]
         if self._state_dir is not None:
             argv += ["--state-dir", str(self._state_dir)]
-        self._process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        # A session of its own: a terminal's Ctrl-C or a signal to the service's process group
+        # must not kill it before it has removed its containers; it ends when we close.
+        self._process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         theirs.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
@@ -167,12 +186,21 @@ class LauncherClient:
         self._next_token += 1
         future = asyncio.get_running_loop().create_future()
         self._futures[token] = future
+        self._tokens[spec.job_id] = token
         self._writer.write(_frame(("run", token, spec)))
         try:
             return await future
         except asyncio.CancelledError:
             self._writer.write(_frame(("kill", token)))
             raise
+        finally:
+            self._tokens.pop(spec.job_id, None)
+
+    def kill(self, job_id: str) -> None:
+        """Kill a running job; its run() still returns the result (the job killed)."""
+        token = self._tokens.get(job_id)
+        if token is not None and self._writer is not None:
+            self._writer.write(_frame(("kill", token)))
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -190,8 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--warm", type=int, default=2)
+    parser.add_argument("--cgroup-base", default="sandboxd")
     args = parser.parse_args(argv)
-    serve(socket.socket(fileno=args.fd), args.state_dir, args.warm)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the service ends us by closing the socket
+    serve(socket.socket(fileno=args.fd), args.state_dir, args.warm, args.cgroup_base)
 
 
 if __name__ == "__main__":
