@@ -11,24 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandboxd.job import InputFile, JobSpec, Result
-from sandboxd.limits import Limits
+from sandboxd.limits import LIMIT_FIELDS, Limits
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, CANCELLED)
 FINAL_STATES = (DONE, CANCELLED)
-# Limits by the names users write (API, CLI, policy files) -> the Limits field.
-LIMIT_FIELDS = {
-    "cpu_time": "cpu_time_s",
-    "wall_time": "wall_time_s",
-    "memory": "memory_bytes",
-    "pids": "pids",
-    "cpus": "cpus",
-    "output": "output_bytes",
-    "file_size": "file_size_bytes",
-    "open_files": "open_files",
-    "stack": "stack_bytes",
-    "disk": "disk_bytes",
-}
 
 
 def limits_to_public(limits: Limits) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Limits:
     open_files: int
     stack_bytes: int
     disk_bytes: int
+    io_bytes_per_s: int
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,8 +46,11 @@ _FIELDS: dict[str, tuple[str, Any, float]] = {
     "open_files": ("open_files", parse_count, 16),
     "stack": ("stack_bytes", parse_size_bytes, 64 << 10),
     "disk": ("disk_bytes", parse_size_bytes, 1 << 20),
+    "io_rate": ("io_bytes_per_s", parse_size_bytes, 1 << 20),
 }
 LIMIT_NAMES: tuple[str, ...] = tuple(_FIELDS)
+# Public name -> Limits field.
+LIMIT_FIELDS: dict[str, str] = {name: field for name, (field, _, _) in _FIELDS.items()}
 
 
 def _parse_table(table: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from sandboxd.job import STATUSES
-from sandboxd.jobs import LIMIT_FIELDS, STATES
+from sandboxd.jobs import STATES
+from sandboxd.limits import LIMIT_FIELDS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -58,7 +59,7 @@ SCHEMAS: dict[str, Any] = {
                       "description": "Relative path under /work -> content"},
             "env": {"type": "object", "additionalProperties": {"type": "string"}},
             "limits": {"type": "object", "additionalProperties": False, "properties": {
-                name: (_SIZE if field.endswith("_bytes") else _SECONDS if field.endswith("_s") or name == "cpus"
+                name: (_SIZE if field.endswith(("_bytes", "_per_s")) else _SECONDS if field.endswith("_s") or name == "cpus"
                        else {"type": "integer"}) for name, field in LIMIT_FIELDS.items()}},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         },

@@ -79,8 +79,33 @@ class JobCgroup(abc.ABC):
         """Release open files without removing anything (removal is someone else's now)."""
 
 
+def block_devices(paths: list[str]) -> tuple[str, ...]:
+    """The whole disks ("MAJ:MIN") holding these paths, where I/O can be throttled: the
+    kernel throttles per disk, not per partition; tmpfs, overlay and other devices without
+    a block device are left out."""
+    disks: dict[str, None] = {}
+    for path in paths:
+        try:
+            device = os.stat(path).st_dev
+        except OSError:
+            continue
+        sysfs = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}"
+        if not os.path.isdir(sysfs):
+            continue
+        if os.path.exists(sysfs + "/partition"):
+            sysfs = os.path.realpath(sysfs + "/..")
+        try:
+            with open(sysfs + "/dev") as file:
+                disks[file.read().strip()] = None
+        except OSError:
+            continue
+    return tuple(disks)
+
+
 class CgroupDriver(abc.ABC):
     version: int
+    # The disks whose I/O a job's `io_rate` limits (see block_devices); none: not limited.
+    io_devices: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def create(self, job_id: str, limits: Limits) -> JobCgroup:

@@ -1,4 +1,4 @@
-"""cgroup v1 driver: one directory per controller (cpu, cpuacct, memory, pids).
+"""cgroup v1 driver: one directory per controller (cpu, cpuacct, memory, pids, blkio).
 
 Layout: for each controller, `<own cgroup>/<base>/job-<id>`, where <own cgroup> is what
 /proc/self/cgroup shows for that controller and the hierarchy's mount point comes from
@@ -12,7 +12,9 @@ files of a new cgroup to the creator). The driver accepts such a directory as it
 
 Caps written per job: memory.limit_in_bytes and memory.memsw.limit_in_bytes (same value: no
 swap beyond the limit; memsw only when the kernel accounts swap), pids.max,
-cpu.cfs_period_us = 100000 and cpu.cfs_quota_us = cpus * period.
+cpu.cfs_period_us = 100000 and cpu.cfs_quota_us = cpus * period, and blkio.throttle.read_bps_device
+and write_bps_device for the image's disks (v1 throttles reads and direct writes; buffered
+writeback is not charged to the job).
 
 Figures (CgroupStats.source names the file each came from):
 - cpu_time_ns, cpu_user_ns, cpu_sys_ns: cpuacct.usage, cpuacct.usage_user, cpuacct.usage_sys.
@@ -55,7 +57,7 @@ from sandboxd.runtime.cgroup import (
     write_file,
 )
 
-CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
+CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "blkio")
 CFS_PERIOD_US = 100_000
 _SETUP_HINT = "run `sandboxd setup --user NAME` as root once to delegate it"
 _O_READ = os.O_RDONLY | os.O_CLOEXEC
@@ -123,8 +125,13 @@ def set_memory_limit(memory_dir: str, value: int, memsw: bool, lowering: bool | 
         write_file(memory_dir + "/" + name, b"%d" % value)
 
 
-def _write_caps(dirs: dict[str, str], limits: Limits, memsw: bool, lowering: bool | None) -> None:
+def _write_caps(dirs: dict[str, str], limits: Limits, memsw: bool, lowering: bool | None,
+                io_devices: tuple[str, ...]) -> None:
     set_memory_limit(dirs["memory"], limits.memory_bytes, memsw, lowering)
+    for device in io_devices:
+        for direction in ("read", "write"):
+            write_file(f"{dirs['blkio']}/blkio.throttle.{direction}_bps_device",
+                       f"{device} {limits.io_bytes_per_s}".encode())
     write_file(dirs["pids"] + "/pids.max", b"%d" % limits.pids)
     write_file(dirs["cpu"] + "/cpu.cfs_period_us", b"%d" % CFS_PERIOD_US)
     quota = max(1000, round(limits.cpus * CFS_PERIOD_US))
@@ -187,7 +194,7 @@ class CgroupV1Driver(CgroupDriver):
                     raise CgroupError(f"cannot create {path}: {error.strerror}{hint}") from None
                 made.append(path)
             # A new cgroup starts unlimited: setting the memory cap lowers it.
-            _write_caps(dirs, limits, self._memsw, lowering=True)
+            _write_caps(dirs, limits, self._memsw, lowering=True, io_devices=self.io_devices)
             usage_fd = os.open(dirs["cpuacct"] + "/cpuacct.usage", _O_READ)
         except BaseException:
             for path in reversed(made):
@@ -197,7 +204,8 @@ class CgroupV1Driver(CgroupDriver):
                     pass
             raise
         self._live.add(name)
-        return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live)
+        return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live,
+                           self.io_devices)
 
     def adopt(self, job_id: str) -> CgroupV1Job:
         name = check_job_id(job_id)
@@ -207,7 +215,8 @@ class CgroupV1Driver(CgroupDriver):
         except OSError as error:
             raise CgroupError(f"cannot open the cgroup of job {job_id}: {error.strerror}") from None
         self._live.add(name)
-        return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live)
+        return CgroupV1Job(name, job_id, dirs, usage_fd, self._memsw, self._pids_peak, self._live,
+                           self.io_devices)
 
     def directories(self, job_id: str) -> tuple[str, ...]:
         name = check_job_id(job_id)
@@ -235,6 +244,7 @@ class CgroupV1Job(JobCgroup):
         memsw: bool,
         pids_peak: bool,
         live: set[str],
+        io_devices: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.job_id = job_id
@@ -245,6 +255,7 @@ class CgroupV1Job(JobCgroup):
         self._memsw = memsw
         self._pids_peak = pids_peak
         self._live = live
+        self._io_devices = io_devices
         self._removed = False
         # Counter values at begin_accounting(): cpu, user, sys (ns), oom kills.
         self._base = (0, 0, 0, 0)
@@ -260,7 +271,7 @@ class CgroupV1Job(JobCgroup):
 
     def assign(self, job_id: str, limits: Limits) -> None:
         check_job_id(job_id)
-        _write_caps(self.dirs, limits, self._memsw, lowering=None)
+        _write_caps(self.dirs, limits, self._memsw, lowering=None, io_devices=self._io_devices)
         self.job_id = job_id
 
     def begin_accounting(self) -> None:

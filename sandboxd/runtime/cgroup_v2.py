@@ -5,7 +5,7 @@ Layout, for a process whose cgroup (the `0::` line of /proc/self/cgroup) is X:
     X/                      controllers +cpu +memory +pids (+io) enabled in cgroup.subtree_control
     X/sandboxd-service/     where the processes of X go if X had to be emptied (see below)
     X/<base>/               same controllers enabled for the jobs
-    X/<base>/job-<id>/      one job: memory.max, memory.swap.max=0, pids.max, cpu.max
+    X/<base>/job-<id>/      one job: memory.max, memory.swap.max=0, pids.max, cpu.max, io.max
 
 "No internal processes": a cgroup other than the root cannot enable controllers for its
 children while it holds processes (EBUSY). When writing X/cgroup.subtree_control fails with
@@ -226,6 +226,7 @@ class CgroupV2Driver(CgroupDriver):
         self._pids = "pids" in self.controllers
         self._pids_peak = self._pids and has("pids.peak")
         self._cpu = "cpu" in self.controllers
+        self._io = "io" in self.controllers
         self._kill = has("cgroup.kill")
         self._live: set[str] = set()
 
@@ -260,6 +261,10 @@ class CgroupV2Driver(CgroupDriver):
         if self._cpu:
             quota = max(1000, round(limits.cpus * CPU_PERIOD_US))
             write_file(path + "/cpu.max", b"%d %d" % (quota, CPU_PERIOD_US))
+        if self._io:
+            for device in self.io_devices:
+                rate = limits.io_bytes_per_s
+                write_file(path + "/io.max", f"{device} rbps={rate} wbps={rate}".encode())
 
     def adopt(self, job_id: str) -> CgroupV2Job:
         name = check_job_id(job_id)

@@ -25,7 +25,7 @@ from sandboxd.images import resolve_image
 from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
-from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, detect_driver
+from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, block_devices, detect_driver
 from sandboxd.runtime.container import (
     CLONE_FLAGS,
     ChildFds,
@@ -93,6 +93,8 @@ class Runtime:
         self._scratch_dir = self.state_dir / "mnt"
         self._scratch_dir.mkdir(mode=0o755, exist_ok=True)
         self.cgroups = cgroup_driver or detect_driver()
+        # The disks jobs read images from (and the state dir, where layers live): `io_rate`.
+        self.cgroups.io_devices = block_devices(["/", "/usr", str(self.state_dir)])
         self._loopback_request = loopback_up_request()
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()

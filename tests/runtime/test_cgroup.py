@@ -25,6 +25,7 @@ import pytest
 from conftest import limits, overhead_ms, own_dirs
 from sandboxd.runtime.cgroup_v1 import user_subdirectory
 from sandboxd.runtime.cgroup import (
+    block_devices,
     CgroupDriver,
     CgroupError,
     JobCgroup,
@@ -214,7 +215,7 @@ def test_detect_driver_picks_host_version(driver):
     for parent in parents(driver):
         assert os.path.isdir(parent)
     if driver.version == 1:
-        assert set(driver.parents) == {"cpu", "cpuacct", "memory", "pids"}
+        assert set(driver.parents) == {"cpu", "cpuacct", "memory", "pids", "blkio"}
         # the anchor is the most specific own cgroup (memory here: /process_api/<id>)
         depth = {c: own_cgroups()[c].rstrip("/").count("/") for c in driver.parents}
         assert depth[[c for c, p in driver.parents.items() if p == driver.anchor][0]] == max(depth.values())
@@ -491,6 +492,38 @@ def test_limits_are_written(driver):
             assert read("pids", "pids.max") == [str(pids)]
     finally:
         job.remove()
+
+
+def io_devices_or_skip(driver) -> tuple[str, ...]:
+    devices = block_devices(["/usr"])
+    if not devices:
+        pytest.skip("/usr is on no block device here (tmpfs or overlay root): nothing to throttle")
+    if driver.version == 2 and not driver._io:
+        pytest.skip("the io controller is not delegated to this cgroup (systemd delegates memory and pids only)")
+    return devices
+
+
+def test_io_rate_is_written_for_the_image_disks(driver):
+    devices = io_devices_or_skip(driver)
+    driver.io_devices = devices
+    job = None
+    try:
+        job = driver.create("io", limits(io_bytes_per_s=3 * MiB))
+        for rate in (3 * MiB, 5 * MiB):  # create(), then assign() as to a warm cgroup
+            if rate != 3 * MiB:
+                job.assign("io-next", limits(io_bytes_per_s=rate))
+            if driver.version == 1:
+                for direction in ("read", "write"):
+                    with open(os.path.join(job.dirs["blkio"], f"blkio.throttle.{direction}_bps_device")) as file:
+                        assert file.read().split() == [devices[0], str(rate)]
+            else:
+                with open(os.path.join(job.dirs["unified"], "io.max")) as file:
+                    line = [entry for entry in file.read().splitlines() if entry.startswith(devices[0] + " ")]
+                assert line and f"rbps={rate}" in line[0] and f"wbps={rate}" in line[0]
+    finally:
+        driver.io_devices = ()
+        if job is not None:
+            job.remove()
 
 
 def test_begin_accounting_leaves_set_up_unbilled(driver):

@@ -255,3 +255,30 @@ def test_job_runs_as_a_host_uid_that_is_neither_root_nor_the_service(runtime):
 def test_job_inherits_only_its_three_standard_streams(runtime):
     result = runtime.run(python_job("import os; print(sorted(os.listdir('/proc/self/fd')))"))
     assert result.stdout == b"['0', '1', '2', '3']\n"  # 3: the listing's own directory
+
+
+def large_image_file(min_bytes: int) -> str | None:
+    """A file of the host image (its /usr) big enough to read min_bytes from."""
+    for directory, _, names in os.walk("/usr/lib"):
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            if not os.path.islink(path) and os.path.isfile(path) and os.path.getsize(path) >= min_bytes:
+                return path
+    return None
+
+
+def test_io_rate_throttles_reads_from_the_image_disk(runtime):
+    if not runtime.cgroups.io_devices:
+        pytest.skip("/usr is on no block device here (tmpfs or overlay root): nothing to throttle")
+    if runtime.cgroups.version == 2 and not runtime.cgroups._io:
+        pytest.skip("the io controller is not delegated to this cgroup (systemd delegates memory and pids only)")
+    path = large_image_file(8 << 20)
+    assert path is not None, "no file of 8 MiB under /usr/lib"
+    # O_DIRECT: every byte comes from the disk, none from the page cache.
+    read = ["dd", f"if={path}", "of=/dev/null", "bs=1M", "count=8", "iflag=direct"]
+    throttled = runtime.run(job(read, io_rate="2m", wall_time=30))
+    assert throttled.status == "ok", throttled.stderr
+    assert throttled.wall_time_ms >= 3000  # 8 MiB at 2 MiB/s: about 4 s
+    free = runtime.run(job(read, io_rate="1g", wall_time=30))
+    assert free.status == "ok", free.stderr
+    assert free.wall_time_ms < throttled.wall_time_ms / 2
