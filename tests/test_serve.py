@@ -90,6 +90,47 @@ def test_sigkill_then_restart_finishes_running_jobs_and_runs_queued_ones_once(st
     assert service_leftovers(state_dir) == []
 
 
+def test_sigkill_during_a_stream_of_submissions_loses_no_accepted_job(state_dir):
+    key = add_tenant(state_dir, "sam")
+    service = Service(state_dir, "--workers", "2", "--warm", "1").start()
+    accepted: list[str] = []
+    enough = threading.Event()
+
+    def submit() -> None:
+        while True:
+            try:
+                reply = service.request("POST", "/v1/jobs", key, {"cmd": ["echo", "once"]}, timeout_s=10)
+            except OSError:
+                return  # the service is gone
+            if reply.status == 201:
+                accepted.append(reply.json()["id"])
+                if len(accepted) >= 30:
+                    enough.set()
+
+    clients = [threading.Thread(target=submit) for _ in range(4)]
+    for client in clients:
+        client.start()
+    assert enough.wait(60), "the service accepted fewer than 30 jobs in a minute"
+    service.kill()  # mid-stream: requests in flight, jobs queued, running and finishing
+    for client in clients:
+        client.join()
+
+    service = Service(state_dir, "--workers", "2", "--warm", "0").start()
+    try:
+        service.run(key, {"cmd": ["true"]})  # the tenant's queue is FIFO: all before it ended
+        for job_id in accepted:
+            job = service.request("GET", f"/v1/jobs/{job_id}", key).json()
+            assert job["state"] == "done", job
+            result = job["result"]
+            assert (result["status"], result["stdout"]) == ("ok", "once\n") or (
+                result["status"] == "internal_error" and result["message"] == RESTARTED_MESSAGE), job
+    finally:
+        assert service.stop() == 0
+    started = [event["job_id"] for event in service.log_events() if event["event"] == "job.running"]
+    assert all(started.count(job_id) <= 1 for job_id in accepted)
+    assert service_leftovers(state_dir) == []
+
+
 def test_sigterm_lets_running_jobs_finish_and_refuses_new_ones(state_dir):
     key = add_tenant(state_dir, "tom")
     service = Service(state_dir, "--warm", "0", "--grace", "60").start()
