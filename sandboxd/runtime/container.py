@@ -15,6 +15,7 @@ The order follows runc, crun and bubblewrap.
 from __future__ import annotations
 
 import array
+import gc
 import os
 import pickle
 import resource
@@ -173,6 +174,9 @@ def _prepare(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]
 def container_main(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]) -> NoReturn:
     """Entry point of the cloned child, PID 1 of the new namespaces. Never returns.
     join_cgroup creates the job's cgroup and moves this process into it."""
+    # A collection would write to every object the launcher had, copying its pages into
+    # this short-lived process.
+    gc.disable()
     try:
         _prepare(plan, fds, join_cgroup)
         os.write(fds.control, READY)

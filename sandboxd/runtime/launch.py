@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sandboxd.images import resolve_image
+from sandboxd.images import Image, resolve_image
 from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
@@ -44,6 +44,7 @@ from sandboxd.runtime.user import choose_id_mapping, write_id_maps
 from sandboxd.state import default_state_dir
 
 SHM_MAX_BYTES = 64 << 20
+IMAGE_RECHECK_S = 1.0
 DEFAULT_IMAGE = "host"
 
 
@@ -56,6 +57,7 @@ class _Container:
     control: socket.socket
     report_fd: int
     job_id: str  # names its cgroup, which the container creates itself
+    limits: Limits  # the caps its cgroup was created with
 
 
 def _stdin_fd(data: bytes | None) -> int:
@@ -67,6 +69,10 @@ def _stdin_fd(data: bytes | None) -> int:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def _cgroup_caps(limits: Limits) -> tuple:
+    return (limits.memory_bytes, limits.pids, limits.cpus, limits.io_bytes_per_s)
 
 
 def _rlimits(limits: Limits) -> tuple[tuple[int, int, int], ...]:
@@ -86,7 +92,11 @@ class Runtime:
         state_dir: Path | None = None,
         cgroup_driver: CgroupDriver | None = None,
         warm_containers: int = 0,
+        loopback_request: bytes | None = None,
     ) -> None:
+        """loopback_request: the netlink message that brings `lo` up, when the caller has it
+        encoded already (the launcher gets it from the service: encoding it needs pyroute2,
+        whose memory every container would otherwise copy at clone)."""
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         # World-traversable: the container's set-up identity may be another uid than ours.
         self.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -95,7 +105,8 @@ class Runtime:
         self.cgroups = cgroup_driver or detect_driver()
         # The disks jobs read images from (and the state dir, where layers live): `io_rate`.
         self.cgroups.io_devices = block_devices(["/", "/usr", str(self.state_dir)])
-        self._loopback_request = loopback_up_request()
+        self._loopback_request = loopback_request or loopback_up_request()
+        self._images: dict[str, tuple[float, Image]] = {}
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()
         self._janitor = Janitor()
@@ -107,8 +118,16 @@ class Runtime:
     def supervisor(self) -> Supervisor:
         return self._supervisor
 
+    def _image(self, name: str) -> Image:
+        """resolve_image, at most once a second per image: it checks the host for changes."""
+        now = time.monotonic()
+        cached = self._images.get(name)
+        if cached is None or now - cached[0] > IMAGE_RECHECK_S:
+            cached = self._images[name] = (now, resolve_image(name, self.state_dir))
+        return cached[1]
+
     def _container_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
-        image = resolve_image(image_name, self.state_dir)
+        image = self._image(image_name)
         return ContainerPlan(
             rootfs=RootfsPlan(
                 scratch_dir=str(self._scratch_dir),
@@ -126,7 +145,7 @@ class Runtime:
         )
 
     def _job_order(self, spec: JobSpec) -> JobOrder:
-        image = resolve_image(spec.image, self.state_dir)
+        image = self._image(spec.image)
         env = dict(image.env)
         env.update(spec.env)
         return JobOrder(
@@ -165,7 +184,7 @@ class Runtime:
         os.close(go_read)
         os.close(report_write)
         child_control.close()
-        container = _Container(pid, os.pidfd_open(pid), parent_control, report_read, job_id)
+        container = _Container(pid, os.pidfd_open(pid), parent_control, report_read, job_id, limits)
         try:
             write_id_maps(pid, plan.id_mapping)
             os.write(go_write, b"g")
@@ -201,7 +220,10 @@ class Runtime:
             try:
                 cgroup = self._ready_cgroup(container)
                 if cgroup is not None:
-                    cgroup.assign(spec.job_id, spec.limits)
+                    if _cgroup_caps(spec.limits) != _cgroup_caps(container.limits):
+                        cgroup.assign(spec.job_id, spec.limits)
+                    else:  # the caps are the pool's already: no cgroup writes on the job's path
+                        cgroup.job_id = spec.job_id
                     return container, cgroup
             except (OSError, CgroupError):
                 pass
@@ -212,16 +234,22 @@ class Runtime:
     def _warm_shape() -> tuple[str, str, int]:
         return DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes
 
-    def prewarm(self) -> None:
-        """Fill the pool of prepared containers up to its target."""
-        while len(self._warm) < self._warm_target:
-            defaults = default_limit_policy().defaults
+    @property
+    def warm_deficit(self) -> int:
+        return self._warm_target - len(self._warm)
+
+    def prewarm(self, count: int | None = None) -> None:
+        """Prepare containers for the pool: up to its target, or at most `count` more."""
+        wanted = self.warm_deficit if count is None else min(count, self.warm_deficit)
+        defaults = default_limit_policy().defaults
+        for _ in range(wanted):
             plan = self._container_plan(DEFAULT_IMAGE, defaults.disk_bytes, DEFAULT_HOSTNAME)
             self._warm.append(self._clone(plan, new_job_id(), defaults))
 
-    def start(self, spec: JobSpec, on_done: Callable[[Result], None]) -> int:
+    def start(self, spec: JobSpec, on_done: Callable[[Result], None], refill: bool = True) -> int:
         """Launch the job; on_done gets its Result from a later step(). Returns the
-        container's host pid (for kill())."""
+        container's host pid (for kill()). refill=False leaves refilling the pool to the
+        caller (the launcher does it when idle, off the jobs' path)."""
         order = self._job_order(spec)
         warm = self._take_warm(spec)
         if warm is not None:
@@ -279,7 +307,8 @@ class Runtime:
                 next_cpu_check_ns=started_ns + int(min(0.1, limits.cpu_time_s / parallelism) * 1e9),
             )
         )
-        self.prewarm()
+        if refill:
+            self.prewarm()
         return container.pid
 
     def run(self, spec: JobSpec) -> Result:

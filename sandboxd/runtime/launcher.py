@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import pickle
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.job import JobSpec, Result
+from sandboxd.runtime.net import loopback_up_request
 
 _FRAME = struct.Struct("=I")
 _SOCKET_BUFFER_BYTES = 4 << 20
@@ -70,7 +72,8 @@ class _Server:
         if message[0] == "run":
             _, token, spec = message
             try:
-                pid = self._runtime.start(spec, lambda result, token=token: self._done(token, result))
+                pid = self._runtime.start(spec, lambda result, token=token: self._done(token, result),
+                                          refill=False)
             except UnknownImageError as error:
                 self._send(("error", token, "usage", str(error.args[0])))
             except Exception as error:  # noqa: BLE001 - the service must hear of every failure
@@ -94,7 +97,8 @@ class _Server:
         self._sock.setblocking(False)
 
 
-def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgroup_base: str) -> None:
+def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgroup_base: str,
+          loopback_request: bytes | None) -> None:
     from sandboxd.runtime import libc
     from sandboxd.runtime.cgroup import detect_driver
     from sandboxd.runtime.launch import Runtime
@@ -107,15 +111,24 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
     # Job cgroups a killed launcher of this service left behind: their processes are dying
     # or dead; nothing else creates cgroups under this service's own base.
     driver.remove_stale()
-    runtime = Runtime(state_dir=state_dir, cgroup_driver=driver, warm_containers=warm_containers)
+    runtime = Runtime(state_dir=state_dir, cgroup_driver=driver, warm_containers=warm_containers,
+                      loopback_request=loopback_request)
     runtime.prewarm()
+    # What exists now lives as long as we do: out of the collector's reach, its objects are
+    # never written to by a collection in a cloned container (copy-on-write stays shared).
+    gc.freeze()
     sock.sendall(_frame(("ready",)))
     sock.setblocking(False)
     server = _Server(sock, runtime)
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
     try:
         while server.open or runtime.supervisor.pending:
-            runtime.supervisor.step(None if server.open else 1.0)
+            # The pool is refilled only while no job runs and nothing waits: a refill is a
+            # clone, which would otherwise sit between a job and its start or its result.
+            idle_refill = server.open and runtime.warm_deficit > 0 and runtime.supervisor.running == 0
+            handled = runtime.supervisor.step(0 if idle_refill else (None if server.open else 1.0))
+            if idle_refill and handled == 0:
+                runtime.prewarm(count=1)
             if not server.open:
                 for pid in list(server._pids.values()):
                     runtime.supervisor.kill(pid, "cancelled")
@@ -144,7 +157,8 @@ class LauncherClient:
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
         argv = [sys.executable, "-m", "sandboxd.runtime.launcher", "--fd", str(theirs.fileno()),
-                "--warm", str(self._warm), "--cgroup-base", self._cgroup_base]
+                "--warm", str(self._warm), "--cgroup-base", self._cgroup_base,
+                "--loopback-request", loopback_up_request().hex()]
         if self._state_dir is not None:
             argv += ["--state-dir", str(self._state_dir)]
         # A session of its own: a terminal's Ctrl-C or a signal to the service's process group
@@ -219,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path)
     parser.add_argument("--warm", type=int, default=2)
     parser.add_argument("--cgroup-base", default="sandboxd")
+    parser.add_argument("--loopback-request", type=bytes.fromhex, help="the encoded netlink request, hex")
     args = parser.parse_args(argv)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the service ends us by closing the socket
-    serve(socket.socket(fileno=args.fd), args.state_dir, args.warm, args.cgroup_base)
+    serve(socket.socket(fileno=args.fd), args.state_dir, args.warm, args.cgroup_base, args.loopback_request)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,11 @@ class Supervisor:
         """Jobs not yet cleaned up, whether or not their result was delivered."""
         return len(self._jobs)
 
+    @property
+    def running(self) -> int:
+        """Jobs whose result is not delivered yet."""
+        return sum(1 for job in self._jobs.values() if job.result is None)
+
     def watch(self, job: RunningJob) -> None:
         for fd in (job.stdout.fd, job.stderr.fd, job.report_fd):
             _nonblocking(fd)
@@ -118,10 +123,11 @@ class Supervisor:
         if job is not None and job.result is None:
             self._kill(job, reason)
 
-    def step(self, max_wait_s: float | None) -> None:
-        """Wait for events or the next deadline, then handle them."""
+    def step(self, max_wait_s: float | None) -> int:
+        """Wait for events or the next deadline, then handle them; returns how many."""
         timeout = self._seconds_to_next_deadline(max_wait_s)
-        for key, _ in self._selector.select(timeout):
+        events = self._selector.select(timeout)
+        for key, _ in events:
             data = key.data
             if callable(data):
                 data()
@@ -136,6 +142,7 @@ class Supervisor:
             else:
                 self._read_stream(job, job.stdout if what == "stdout" else job.stderr)
         self._check_clocks()
+        return len(events)
 
     def settle(self) -> None:
         """Return once every job is delivered and cleaned up."""

@@ -183,22 +183,27 @@ class Scheduler:
                 self._reserve(tenant.name)
                 starting.append(active)
             accepted.append(active)
+        inserted = asyncio.wrap_future(
+            self._writer.submit(lambda c: insert_jobs(c, [(a.record, a.request) for a in accepted])))
+        # Jobs that start now start while their row commits: the answer (201) still waits for
+        # the commit, and the writer commits the row before any later write of the same job.
+        # A crash before the commit loses only a job nobody was told was accepted.
+        for active in starting:
+            self._active[active.record.id] = active
+            self._spawn(self._execute(active))
         try:
-            await self._writer.run(lambda c: insert_jobs(c, [(a.record, a.request) for a in accepted]))
+            await inserted
         except BaseException:
             for active in starting:
-                self._release(active.tenant.name)
-            self._pump()
+                active.stop_requested = True
+                self._runner.kill(active.record.id)
             raise
         for active in accepted:
-            self._active[active.record.id] = active
             self._log.info("job.accepted", job_id=active.record.id, tenant=tenant.name, state=active.record.state)
-        self._metrics.jobs_submitted.inc(amount=len(accepted))
-        for active in accepted:
-            if active.record.state == RUNNING:
-                self._spawn(self._execute(active))
-            else:
+            if active.record.state == QUEUED:
+                self._active[active.record.id] = active
                 self._queue.push(tenant.name, active.record.id)
+        self._metrics.jobs_submitted.inc(amount=len(accepted))
         self._pump()
         return [active.record for active in accepted]
 
