@@ -1,11 +1,13 @@
 """Usage reports over a large jobs table, against the one-second target.
 
-    .venv/bin/python bench/usage.py [--rows N] [--label-every K] [--state-dir DIR]
+    .venv/bin/python bench/usage.py [--rows N] [--label-every K] [--submissions V] [--state-dir DIR]
 
 Fills a fresh database (in a temporary state directory unless --state-dir) with N jobs
 (default 1,000,000): 10 tenants, 5 images, every status, about 2% cancelled and 0.1% still
-running, finishing over 30 days, one job in K (default 10) with a `problem` label. Then it
-runs ANALYZE, as a long-lived database would have had, and times each report through a
+running, finishing over 30 days, one job in K (default 10) with a `problem` label (7
+values) and every job with a `submission` label (V values, default 10). The usage tables
+are derived from them with db.rebuild_usage, as the job writes would have left them. Then
+it runs ANALYZE, as a long-lived database would have had, and times each report through a
 read-only connection, as `sandboxd usage` opens it: median of 5, and its ratio to 1 s.
 """
 
@@ -18,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sandboxd.store.db import connect, open_database
+from sandboxd.store.db import connect, open_database, rebuild_usage
 from sandboxd.store.usage import UsageQuery, parse_usage_query, report_plans, usage_report
 
 TARGET_S = 1.0
@@ -67,9 +69,13 @@ FROM outcome
 _LABEL_SQL = """
 INSERT INTO job_labels (job_seq, name, value)
 SELECT seq, 'problem', 'p' || (seq % 7) FROM jobs WHERE seq % :every = 0
+UNION ALL
+SELECT seq, 'submission', 's' || (seq % :submissions) FROM jobs
 """
 _LABEL_JSON_SQL = """
-UPDATE jobs SET labels = json_object('problem', 'p' || (seq % 7)) WHERE seq % :every = 0
+UPDATE jobs SET labels = CASE WHEN seq % :every = 0
+    THEN json_object('problem', 'p' || (seq % 7), 'submission', 's' || (seq % :submissions))
+    ELSE json_object('submission', 's' || (seq % :submissions)) END
 """
 
 REPORTS: list[tuple[str, UsageQuery]] = [
@@ -80,17 +86,21 @@ REPORTS: list[tuple[str, UsageQuery]] = [
     ("group by image", parse_usage_query(None, None, None, "image")),
     ("group by status", parse_usage_query(None, None, None, "status")),
     ("group by label:problem", parse_usage_query(None, None, None, "label:problem")),
+    ("group by label:submission", parse_usage_query(None, None, None, "label:submission")),
+    ("label:submission, 10.5 d", parse_usage_query(None, "2026-01-10T06:00", "2026-01-20T18:00", "label:submission")),
+    ("image, 10.5 days", parse_usage_query(None, "2026-01-10T06:00", "2026-01-20T18:00", "image")),
     ("one-day window", parse_usage_query(None, "2026-01-15", "2026-01-16", None)),
 ]
 
 
-def generate(path: Path, rows: int, label_every: int) -> None:
+def generate(path: Path, rows: int, label_every: int, submissions: int) -> None:
     connection = connect(path)
     try:
         connection.execute("BEGIN")
         connection.execute(_GENERATE_SQL, {"rows": rows})
-        connection.execute(_LABEL_SQL, {"every": label_every})
-        connection.execute(_LABEL_JSON_SQL, {"every": label_every})
+        connection.execute(_LABEL_SQL, {"every": label_every, "submissions": submissions})
+        connection.execute(_LABEL_JSON_SQL, {"every": label_every, "submissions": submissions})
+        rebuild_usage(connection)
         connection.execute("COMMIT")
         connection.execute("ANALYZE")
     finally:
@@ -115,25 +125,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--label-every", type=int, default=10, help="one job in K has the label (default 10)")
+    parser.add_argument("--submissions", type=int, default=10,
+                        help="values of the label every job has (default 10)")
     parser.add_argument("--state-dir", type=Path, help="keep the database here (default: a temporary directory)")
     args = parser.parse_args()
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="sandboxd-bench-usage-"))
     try:
         path = open_database(state_dir)
         started = time.perf_counter()
-        generate(path, args.rows, args.label_every)
+        generate(path, args.rows, args.label_every, args.submissions)
         connection = connect(path, readonly=True)
-        count = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        labelled = connection.execute("SELECT COUNT(*) FROM job_labels").fetchone()[0]
+        count, labels, label_usage, daily = (
+            connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("jobs", "job_labels", "job_label_usage", "usage_daily"))
         plans = sorted(set(report_plans(connection, parse_usage_query(None, None, None, "label:problem"))))
         connection.close()
-        print(f"generated {count:,} jobs ({labelled:,} labelled) in {time.perf_counter() - started:.1f} s"
-              f" (with ANALYZE)")
+        print(f"generated {count:,} jobs ({labels:,} labels; {label_usage:,} job_label_usage and {daily:,}"
+              f" usage_daily rows) in {time.perf_counter() - started:.1f} s (with ANALYZE)")
         print("query plans:", *plans, sep="\n  ")
-        print(f"{'report':<24} {'median s':>9} {'of 1 s':>7} {'rows':>6}")
+        print(f"{'report':<27} {'median s':>9} {'of 1 s':>7} {'rows':>6}")
         for name, query in REPORTS:
             seconds, row_count = time_report(path, query)
-            print(f"{name:<24} {seconds:9.3f} {seconds / TARGET_S:6.0%} {row_count:6d}")
+            print(f"{name:<27} {seconds:9.3f} {seconds / TARGET_S:6.0%} {row_count:6d}")
     finally:
         if args.state_dir is None:
             shutil.rmtree(state_dir, ignore_errors=True)

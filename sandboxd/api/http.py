@@ -283,7 +283,10 @@ class Api:
         try:
             usage_query = parse_usage_query(only_tenant, query.get("from"), query.get("to"), query.get("group_by"))
         except UsageQueryError as error:
-            raise invalid(getattr(error, "parameter", "query"), str(error)) from None
+            # The message starts with the parameter's name ("from: ...", "group_by: ...").
+            name, _, message = str(error).partition(": ")
+            field = name if name in ("from", "to", "group_by", "tenant") else "query"
+            raise invalid(field, message if field != "query" else str(error)) from None
         report = await self.c.reader.aread(lambda c: usage_report(c, usage_query))
         if fmt == "csv":
             return web.Response(text=usage_csv(report), content_type="text/csv")

@@ -23,13 +23,26 @@ from typing import Any, Callable, TypeVar
 
 import sqlite_utils
 
+from sandboxd.jobs import CANCELLED
+
 DATABASE_FILE = "sandboxd.db"
 SCHEMA_VERSION = 1
 T = TypeVar("T")
 
 # The jobs table holds one row per job: its lifecycle and, once it ended, every figure of its
 # result. Bulky parts live beside it (job_inputs until the job starts, job_outputs after) so
-# that a usage report over millions of rows reads only the covering index `jobs_usage`.
+# that a usage report reading millions of jobs reads only the covering index `jobs_usage`.
+#
+# Usage reports (store/usage.py) also read two tables that store/jobs.py writes when a job
+# ends, in the same transaction, and nothing else changes (rebuild_usage derives them anew):
+# - usage_daily: sums per UTC day (`YYYY-MM-DD` of finished_at), label name and value, and
+#   report status (`cancelled` for a cancelled job, else its result's status, '' if none).
+#   The empty name sums every ended job, with its image as the value. A report reads the
+#   whole days of its window here, a few rows a day, and the partial days at its edges job
+#   by job.
+# - job_label_usage: per label of an ended job, what a report sums, keyed in the order of a
+#   report's range (label, tenant, finished_at): a label's jobs at a window's edges, read
+#   with no lookup per job. job_labels stays the index for listing jobs by label.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -85,6 +98,31 @@ CREATE TABLE IF NOT EXISTS job_labels (
     PRIMARY KEY (name, job_seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS job_labels_value ON job_labels (name, value, job_seq);
+CREATE TABLE IF NOT EXISTS job_label_usage (
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    finished_at TEXT NOT NULL,
+    job_seq INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status TEXT,
+    cpu_time_ms REAL,
+    wall_time_ms REAL,
+    memory_peak_bytes INTEGER,
+    PRIMARY KEY (name, tenant, finished_at, job_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage_daily (
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    day TEXT NOT NULL,
+    value TEXT NOT NULL,
+    report_status TEXT NOT NULL,
+    jobs INTEGER NOT NULL,
+    cpu_time_ms REAL NOT NULL,
+    wall_time_ms REAL NOT NULL,
+    memory_byte_ms REAL NOT NULL,
+    PRIMARY KEY (name, tenant, day, value, report_status)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS job_inputs (
     job_seq INTEGER PRIMARY KEY REFERENCES jobs (seq) ON DELETE CASCADE,
     request TEXT NOT NULL
@@ -95,6 +133,30 @@ CREATE TABLE IF NOT EXISTS job_outputs (
     stderr BLOB NOT NULL
 );
 """
+
+# usage_daily's report status, from a job's state and status (as in store/jobs.py).
+REPORT_STATUS_SQL = f"CASE WHEN state = '{CANCELLED}' THEN '{CANCELLED}' ELSE COALESCE(status, '') END"
+_USAGE_DAILY_INSERT = (
+    "INSERT INTO usage_daily (name, tenant, day, value, report_status, jobs, cpu_time_ms, wall_time_ms,"
+    " memory_byte_ms) SELECT {name}, tenant, substr(finished_at, 1, 10), {value}, " + REPORT_STATUS_SQL + ","
+    " COUNT(*), TOTAL(cpu_time_ms), TOTAL(wall_time_ms), TOTAL(memory_peak_bytes * wall_time_ms)"
+    " FROM {source} GROUP BY 1, 2, 3, 4, 5"
+)
+_REBUILD_USAGE_SQL = [
+    "DELETE FROM job_label_usage",
+    "DELETE FROM usage_daily",
+    "INSERT INTO job_label_usage (name, tenant, finished_at, job_seq, value, state, status, cpu_time_ms,"
+    " wall_time_ms, memory_peak_bytes)"
+    " SELECT job_labels.name, jobs.tenant, jobs.finished_at, jobs.seq, job_labels.value, jobs.state, jobs.status,"
+    " jobs.cpu_time_ms, jobs.wall_time_ms, jobs.memory_peak_bytes"
+    " FROM job_labels JOIN jobs ON jobs.seq = job_labels.job_seq WHERE jobs.finished_at IS NOT NULL",
+    _USAGE_DAILY_INSERT.format(name="''", value="image", source="jobs WHERE finished_at IS NOT NULL"),
+    _USAGE_DAILY_INSERT.format(name="name", value="value", source="job_label_usage"),
+]
+# Every ended job has a usage_daily row: none while a job ended means they were never filled.
+_USAGE_MISSING_SQL = (
+    "SELECT NOT EXISTS (SELECT 1 FROM usage_daily) AND EXISTS (SELECT 1 FROM jobs WHERE finished_at IS NOT NULL)"
+)
 
 
 class StoreError(RuntimeError):
@@ -135,12 +197,25 @@ def open_database(state_dir: Path) -> Path:
             raise StoreError(f"{path}: schema version {version} is newer than this sandboxd ({SCHEMA_VERSION})")
         database = sqlite_utils.Database(connection)
         database.executescript(SCHEMA)
+        if connection.execute(_USAGE_MISSING_SQL).fetchone()[0]:
+            # A database from before the usage tables: derive them from its jobs, once.
+            connection.execute("BEGIN IMMEDIATE")
+            rebuild_usage(connection)
+            connection.execute("COMMIT")
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except sqlite3.DatabaseError as error:
         raise StoreError(f"{path}: {error}") from None
     finally:
         connection.close()
     return path
+
+
+def rebuild_usage(connection: sqlite3.Connection) -> None:
+    """Recompute job_label_usage and usage_daily from jobs and job_labels, as the job writes
+    in store/jobs.py would have left them. For a database that predates them, and for
+    rows bulk-loaded with SQL (bench/usage.py). The caller commits."""
+    for sql in _REBUILD_USAGE_SQL:
+        connection.execute(sql)
 
 
 class Writer:

@@ -12,13 +12,23 @@ Figures, summed per row; NULL figures (a job cancelled while queued) count as 0:
   job's whole wall time, as a billing figure would.
 Floats are rounded to 6 decimals. Days and hours are UTC (`YYYY-MM-DD`, `YYYY-MM-DDTHH`).
 
-Speed: every statement reads the covering index `jobs_usage (tenant, finished_at, ...)` over
-one range, `tenant = ? AND finished_at >= ? AND finished_at < ?`, so a report never touches
-the table's rows. SQLite can only aggregate an index in its own order; anything else it sorts,
+Speed: a report reads the whole UTC days of its window from `usage_daily` (sums per tenant,
+day, image or label value, and status; a few rows a day, added as each job ends, see
+store/db.py) and only the partial days at the window's edges job by job. Hours, which
+usage_daily does not keep, are read job by job over the whole window.
+
+Job by job, every statement reads one index range, `tenant = ? AND finished_at >= ? AND
+finished_at < ?`, of the covering index `jobs_usage (tenant, finished_at, ...)` (or, for a
+label, of job_label_usage's key `(name, tenant, finished_at, ...)`), so it never touches the
+table's rows. SQLite can only aggregate an index in its own order; anything else it sorts,
 and sorting a million rows costs more than scanning them. So the report walks the index
 itself: tenant by tenant (a seek each), day or hour groups as index ranges (one statement per
-group), and groups the index is not ordered by (image, status, label) chunk by chunk of a few
-thousand rows, which SQLite sorts in cache, folding the chunks' sums here.
+group), and image or status groups chunk by chunk of a few thousand rows, which SQLite sorts
+in cache, folding the chunks' sums here.
+
+Grouped by a label, the jobs without it (the group None) are every job's sums less the
+labelled jobs' sums: nothing is looked up job by job, however many jobs carry the label. At
+the edges (less than a day on each side) a label's rows are grouped by one statement.
 """
 
 from __future__ import annotations
@@ -28,12 +38,12 @@ import io
 import re
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator, Sequence
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Iterable, Iterator, Sequence
 
 from sandboxd.job import STATUSES
 from sandboxd.jobs import CANCELLED
-from sandboxd.store.db import format_time
+from sandboxd.store.db import REPORT_STATUS_SQL, format_time
 
 REPORT_STATUSES = (*STATUSES, CANCELLED)
 TIME_GROUPS = {"day": len("YYYY-MM-DD"), "hour": len("YYYY-MM-DDTHH")}
@@ -49,6 +59,9 @@ TIME_SHAPE = "YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS[.ffffff]] with Z, +HH:MM or no 
 # bound becomes a closed one and every statement keeps the same index range.
 _BEFORE_ALL = ""
 _AFTER_ALL = "\x7f"
+_MIDNIGHT = "T00:00:00.000000Z"
+_DAY = len("YYYY-MM-DD")
+_EVERY_JOB = ""  # the usage_daily name that sums every job (its value: the image)
 # Rows per chunk for groups the index is not ordered by: small enough that SQLite sorts the
 # chunk in its page cache, large enough that statements stay few (measured: 1k-4k is best).
 _CHUNK_ROWS = 4096
@@ -80,26 +93,21 @@ _IMAGE_CHUNK_SQL = f"SELECT image, {_FIGURES}, {_STATUS_COUNTS} FROM jobs WHERE 
 _STATUS_CHUNK_SQL = (
     f"SELECT {_REPORT_STATUS} AS report_status, {_FIGURES} FROM jobs WHERE {_RANGE} GROUP BY report_status"
 )
-_LABEL_CHUNK_SQL = (
-    f"SELECT job_labels.value, {_FIGURES}, {_STATUS_COUNTS} FROM jobs"
-    " LEFT JOIN job_labels ON job_labels.name = :label AND job_labels.job_seq = jobs.seq"
-    f" WHERE {_RANGE} GROUP BY job_labels.value"
+# usage_daily (see store/db.py): the whole days of a window, one row per group and status.
+_DAILY_RANGE = "name = :name AND tenant = :tenant AND day >= :day_lo AND day < :day_hi"
+_DAILY_FIGURES = "SUM(jobs), TOTAL(cpu_time_ms), TOTAL(wall_time_ms), TOTAL(memory_byte_ms)"
+_DAILY_SQL = {
+    group_by: f"SELECT {column}, report_status, {_DAILY_FIGURES} FROM usage_daily WHERE {_DAILY_RANGE}"
+              f" GROUP BY {column}, report_status"
+    for group_by, column in [(None, "NULL"), ("status", "NULL"), ("day", "day"), ("image", "value"),
+                             ("label", "value")]
+}
+# job_label_usage: a label's jobs in the partial days at a window's edges, one by one.
+_LABEL_RANGE_SQL = (
+    f"SELECT value, {REPORT_STATUS_SQL} AS report_status, {_FIGURES} FROM job_label_usage"
+    " WHERE name = :name AND tenant = :tenant AND finished_at >= :lo AND finished_at < :hi"
+    " GROUP BY value, report_status"
 )
-# Driven by the label instead: one rowid lookup per labelled job, not one label lookup per job.
-_LABELLED_SQL = (
-    f"SELECT jobs.tenant, job_labels.value, {_FIGURES}, {_STATUS_COUNTS}"
-    " FROM job_labels CROSS JOIN jobs ON jobs.seq = job_labels.job_seq"
-    " WHERE job_labels.name = :label AND job_labels.job_seq >= :seq_lo AND job_labels.job_seq < :seq_hi"
-    " AND jobs.finished_at >= :lo AND jobs.finished_at < :hi"
-    " AND (:tenant IS NULL OR jobs.tenant = :tenant)"
-    " GROUP BY jobs.tenant, job_labels.value"
-)
-_LABELLED_CHUNK_END_SQL = (
-    "SELECT job_seq FROM job_labels WHERE name = :label AND job_seq >= :seq_lo"
-    " ORDER BY job_seq LIMIT 1 OFFSET :rows"
-)
-_LABELLED_COUNT_SQL = "SELECT COUNT(*) FROM (SELECT 1 FROM job_labels WHERE name = :label LIMIT :cap)"
-_COUNT_SQL = f"SELECT COUNT(*) FROM jobs WHERE {_RANGE}"
 
 
 class UsageQueryError(ValueError):
@@ -257,11 +265,9 @@ def _row_order(item: tuple[tuple[str, str | None], _Figures]) -> tuple[str, bool
 def _groups(connection: sqlite3.Connection, query: UsageQuery) -> Groups:
     tenants = [query.tenant] if query.tenant is not None else list(_tenants(connection))
     lo, hi = query.from_time or _BEFORE_ALL, query.to_time or _AFTER_ALL
-    if query.label is not None:
-        return _label_groups(connection, tenants, lo, hi, query.label, query.tenant)
     groups: Groups = {}
     for tenant in tenants:
-        for group, figures in _tenant_groups(connection, tenant, lo, hi, query.group_by):
+        for group, figures in _tenant_groups(connection, tenant, lo, hi, query).items():
             groups[(tenant, group)] = figures
     return groups
 
@@ -275,7 +281,62 @@ def _tenants(connection: sqlite3.Connection) -> Iterator[str]:
 
 
 def _tenant_groups(connection: sqlite3.Connection, tenant: str, lo: str, hi: str,
-                   group_by: str | None) -> Iterator[tuple[str | None, _Figures]]:
+                   query: UsageQuery) -> dict[str | None, _Figures]:
+    """One tenant's groups: whole days from usage_daily, the partial days at the edges (or
+    every hour, which usage_daily does not keep) from the jobs, job by job."""
+    if query.group_by == "hour":
+        return dict(_job_groups(connection, tenant, lo, hi, query.group_by))
+    days, edges = _split_days(lo, hi)
+    if query.label is not None:
+        return _label_groups(connection, tenant, days, edges, query.label)
+    groups: dict[str | None, _Figures] = {}
+    if days is not None:
+        rows = _daily_rows(connection, _DAILY_SQL[query.group_by], _EVERY_JOB, tenant, days)
+        if query.group_by == "status":
+            # the status is the group; a job with none is in the group None, counted in no status
+            rows = ((status or None, status, *figures) for _, status, *figures in rows)
+        _fold(groups, rows, any_status=query.group_by == "status")
+    for edge_lo, edge_hi in edges:
+        for group, figures in _job_groups(connection, tenant, edge_lo, edge_hi, query.group_by):
+            groups.setdefault(group, _Figures()).add(figures)
+    return groups
+
+
+def _split_days(lo: str, hi: str) -> tuple[tuple[str, str] | None, list[tuple[str, str]]]:
+    """[lo, hi) as its whole UTC days, [first, last + 1) for usage_daily (None if it holds
+    no whole day), and the time ranges left at its edges."""
+    start = lo if lo == _BEFORE_ALL or lo.endswith(_MIDNIGHT) else _next_day(lo[:_DAY]) + _MIDNIGHT
+    end = hi if hi == _AFTER_ALL else hi[:_DAY] + _MIDNIGHT
+    if start >= end:
+        return None, [(lo, hi)]
+    return (start[:_DAY], end[:_DAY]), [(a, b) for a, b in [(lo, start), (end, hi)] if a < b]
+
+
+def _next_day(day: str) -> str:
+    try:
+        return (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+    except OverflowError:  # past 9999-12-31
+        return _AFTER_ALL
+
+
+def _daily_rows(connection: sqlite3.Connection, sql: str, name: str, tenant: str,
+                days: tuple[str, str]) -> list[sqlite3.Row]:
+    return connection.execute(sql, {"name": name, "tenant": tenant, "day_lo": days[0], "day_hi": days[1]}).fetchall()
+
+
+def _fold(groups: dict[str | None, _Figures], rows: Iterable[Sequence[Any]], any_status: bool = False) -> None:
+    """Add rows of (group, report status, jobs, cpu_ms, wall_ms, memory_byte_ms) to groups.
+    The status is counted if it is one of REPORT_STATUSES (any non-empty one if
+    any_status), as `_STATUS_COUNTS` and `_status_groups` count it."""
+    for group, status, jobs, cpu_ms, wall_ms, memory_byte_ms in rows:
+        counted = status in REPORT_STATUSES or (any_status and bool(status))
+        figures = _Figures(jobs, cpu_ms, wall_ms, memory_byte_ms, {status: jobs} if counted else {})
+        groups.setdefault(group, _Figures()).add(figures)
+
+
+def _job_groups(connection: sqlite3.Connection, tenant: str, lo: str, hi: str,
+                group_by: str | None) -> Iterator[tuple[str | None, _Figures]]:
+    """Groups summed job by job over the covering index."""
     if group_by is None:
         yield None, _totals(connection, tenant, lo, hi)
     elif group_by in TIME_GROUPS:
@@ -341,57 +402,29 @@ def _status_groups(connection: sqlite3.Connection, tenant: str, lo: str, hi: str
     return groups
 
 
-def _label_groups(connection: sqlite3.Connection, tenants: list[str], lo: str, hi: str,
-                  label: str, only_tenant: str | None) -> Groups:
-    """Jobs by their value of a label; jobs without it form the group None.
-
-    Two ways, chosen by cost: a rare label is read from job_labels (a rowid lookup per
-    labelled job) and the jobs without it are the tenant's totals minus those with it; a
-    common one is looked up job by job in the window. Measured on a million jobs: about
-    1.6 us per labelled job plus 0.4 us per job, against 1.2 us per job.
-    """
-    if _label_is_rare(connection, tenants, lo, hi, label):
-        return _label_groups_by_lookup(connection, tenants, lo, hi, label, only_tenant)
-    groups: Groups = {}
-    for tenant in tenants:
-        params = {"tenant": tenant, "lo": lo, "hi": hi, "label": label}
-        for value, figures in _chunked_groups(connection, _LABEL_CHUNK_SQL, params).items():
-            groups[(tenant, value)] = figures
-    return groups
-
-
-def _label_is_rare(connection: sqlite3.Connection, tenants: list[str], lo: str, hi: str, label: str) -> bool:
-    """True when at most half as many jobs carry the label (at any time) as ended in the
-    window. The window is counted first and caps the label count, so deciding costs a
-    fraction of either way, however long the history."""
-    in_window = sum(connection.execute(_COUNT_SQL, {"tenant": tenant, "lo": lo, "hi": hi}).fetchone()[0]
-                    for tenant in tenants)
-    cap = in_window // 2 + 1
-    return connection.execute(_LABELLED_COUNT_SQL, {"label": label, "cap": cap}).fetchone()[0] < cap
-
-
-def _label_groups_by_lookup(connection: sqlite3.Connection, tenants: list[str], lo: str, hi: str,
-                            label: str, only_tenant: str | None) -> Groups:
-    groups: Groups = {(tenant, None): _totals(connection, tenant, lo, hi) for tenant in tenants}
-    params: dict[str, Any] = {"label": label, "lo": lo, "hi": hi, "tenant": only_tenant,
-                              "rows": _CHUNK_ROWS, "seq_lo": 0}
-    while True:
-        row = connection.execute(_LABELLED_CHUNK_END_SQL, params).fetchone()
-        # Past the last label: one more seq than any stored, so the last chunk is closed.
-        params["seq_hi"] = row[0] if row is not None else 2**63 - 1
-        for tenant, value, *figures_values in connection.execute(_LABELLED_SQL, params):
-            figures = _Figures.from_sql(figures_values)
-            groups.setdefault((tenant, value), _Figures()).add(figures)
-            groups[(tenant, None)].add(figures, sign=-1)
-        if row is None:
-            return groups
-        params["seq_lo"] = params["seq_hi"]
+def _label_groups(connection: sqlite3.Connection, tenant: str, days: tuple[str, str] | None,
+                  edges: list[tuple[str, str]], label: str) -> dict[str | None, _Figures]:
+    """Jobs by their value of a label, and those without it as the group None: every
+    job's sums less the labelled ones. Both from usage_daily for whole days; at the edges,
+    the labelled jobs from job_label_usage and every job from the covering index."""
+    every: dict[str | None, _Figures] = {None: _Figures()}
+    labelled: dict[str | None, _Figures] = {}
+    if days is not None:
+        _fold(every, _daily_rows(connection, _DAILY_SQL[None], _EVERY_JOB, tenant, days))
+        _fold(labelled, _daily_rows(connection, _DAILY_SQL["label"], label, tenant, days))
+    for lo, hi in edges:
+        every[None].add(_totals(connection, tenant, lo, hi))
+        _fold(labelled, connection.execute(_LABEL_RANGE_SQL, {"name": label, "tenant": tenant, "lo": lo, "hi": hi}))
+    unlabelled = every[None]
+    for figures in labelled.values():
+        unlabelled.add(figures, sign=-1)
+    return {None: unlabelled, **labelled}
 
 
 def report_plans(connection: sqlite3.Connection, query: UsageQuery) -> list[str]:
     """EXPLAIN QUERY PLAN details of the statements a report for `query` may run, so a
-    test or an operator can check that jobs are read through the covering index (or, for
-    a rare label, by rowid from job_labels)."""
+    test or an operator can check that each reads one index range: jobs through the
+    covering index, usage_daily and job_label_usage through their primary keys."""
     statements = [_TOTALS_SQL, _FIRST_TIME_SQL, _CHUNK_END_SQL]
     if query.group_by in TIME_GROUPS:
         statements.append(_TIME_GROUP_SQL)
@@ -400,9 +433,12 @@ def report_plans(connection: sqlite3.Connection, query: UsageQuery) -> list[str]
     elif query.group_by == "status":
         statements.append(_STATUS_CHUNK_SQL)
     elif query.label is not None:
-        statements += [_COUNT_SQL, _LABEL_CHUNK_SQL, _LABELLED_SQL]
-    params = {"tenant": "t", "lo": _BEFORE_ALL, "hi": _AFTER_ALL, "group_end": _AFTER_ALL,
-              "rows": _CHUNK_ROWS, "label": query.label or "", "cap": 1, "seq_lo": 0, "seq_hi": 1}
+        statements.append(_LABEL_RANGE_SQL)
+    if query.group_by != "hour":
+        statements.append(_DAILY_SQL[None])
+        statements.append(_DAILY_SQL["label" if query.label is not None else query.group_by])
+    params = {"tenant": "t", "lo": _BEFORE_ALL, "hi": _AFTER_ALL, "group_end": _AFTER_ALL, "rows": _CHUNK_ROWS,
+              "name": query.label or _EVERY_JOB, "day_lo": _BEFORE_ALL, "day_hi": _AFTER_ALL}
     details = []
     for sql in statements:
         details += [row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", params)]

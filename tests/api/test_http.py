@@ -195,8 +195,9 @@ def test_bad_query_parameters_are_422(api):
     assert api.request("GET", "/v1/jobs?cursor=abc", key).status == 422
     assert api.request("GET", "/v1/jobs?state=sleeping", key).status == 422
     assert api.request("GET", "/v1/jobs?colour=red", key).status == 422
-    assert api.request("GET", "/v1/usage?group_by=weather", key).status == 422
-    assert api.request("GET", "/v1/usage?from=yesterday", key).status == 422
+    for query, field in (("group_by=weather", "group_by"), ("from=yesterday", "from"), ("to=noon", "to")):
+        reply = api.request("GET", f"/v1/usage?{query}", key)
+        assert reply.status == 422 and reply.json()["error"]["details"]["field"] == field
 
 
 def test_unknown_routes_and_methods_are_json_errors(api):

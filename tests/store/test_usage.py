@@ -1,5 +1,6 @@
-"""Usage reports over a real database file: what counts, how it groups, how it is printed,
-and that the statements stay on the covering index."""
+"""Usage reports over a real database file, filled through the job writes the scheduler
+uses: what counts, how it groups, how it is printed, and that each statement reads one index
+range."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import io
 import json
 import random
 import sqlite3
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from sandboxd.job import STATUSES
+from sandboxd.job import STATUSES, Result
+from sandboxd.jobs import CANCELLED, QUEUED, RUNNING, JobRecord, JobRequest
+from sandboxd.limits import default_limit_policy
 from sandboxd.store import usage
 from sandboxd.store.db import DATABASE_FILE, connect, open_database
+from sandboxd.store.jobs import finish_job, insert_jobs
 from sandboxd.store.usage import (
     CSV_COLUMNS,
     UsageQuery,
@@ -47,18 +52,35 @@ class Job:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+LIMITS = default_limit_policy().defaults
+CREATED = "2026-01-01T00:00:00.000000Z"
+
+
+def result_of(job: Job) -> Result | None:
+    if job.status is None:
+        assert (job.cpu_ms, job.wall_ms, job.memory) == (None, None, None), "figures come with a result"
+        return None
+    assert job.cpu_ms is not None and job.wall_ms is not None and job.memory is not None
+    return Result(status=job.status, exit_code=0 if job.status == "ok" else 1, signal=None, cpu_time_ms=job.cpu_ms,
+                  cpu_user_ms=job.cpu_ms, cpu_sys_ms=0.0, wall_time_ms=job.wall_ms, memory_peak_bytes=job.memory,
+                  pids_peak=1, oom_killed=False, limit_hit=None, stdout=b"", stderr=b"", stdout_truncated=False,
+                  stderr_truncated=False, accounting_source={})
+
+
 def insert(connection: sqlite3.Connection, *jobs: Job) -> None:
+    """Store the jobs as the scheduler does: submitted, then (unless still queued or
+    running) finished with their result."""
+    connection.execute("BEGIN")
     for job in jobs:
-        seq = connection.execute(
-            "INSERT INTO jobs (id, tenant, state, created_at, started_at, finished_at, image, cmd,"
-            " limits, labels, status, cpu_time_ms, wall_time_ms, memory_peak_bytes)"
-            " VALUES (lower(hex(randomblob(16))), ?, ?, '2026-01-01T00:00:00.000000Z', NULL, ?, ?,"
-            " '[\"true\"]', '{}', ?, ?, ?, ?, ?)",
-            (job.tenant, job.state, job.finished_at, job.image, json.dumps(job.labels), job.status,
-             job.cpu_ms, job.wall_ms, job.memory),
-        ).lastrowid
-        connection.executemany("INSERT INTO job_labels (job_seq, name, value) VALUES (?, ?, ?)",
-                               [(seq, name, value) for name, value in job.labels.items()])
+        labels = tuple(sorted(job.labels.items()))
+        queued = job.state == QUEUED or (job.state == CANCELLED and job.status is None)
+        record = JobRecord(id=uuid.uuid4().hex, tenant=job.tenant, state=QUEUED if queued else RUNNING,
+                           created_at=CREATED, image=job.image, argv=("true",), limits=LIMITS, labels=labels,
+                           started_at=None if queued else CREATED)
+        insert_jobs(connection, [(record, JobRequest(argv=("true",), image=job.image, limits=LIMITS, labels=labels))])
+        if job.finished_at is not None:
+            finish_job(connection, record.replace(state=job.state, finished_at=job.finished_at, result=result_of(job)))
+    connection.execute("COMMIT")
 
 
 @pytest.fixture
@@ -187,7 +209,6 @@ def test_group_by_status_gives_each_row_its_own_status(db: sqlite3.Connection) -
 
 @pytest.mark.parametrize("labelled", [1, 9], ids=["rare-label", "common-label"])
 def test_group_by_label_puts_jobs_without_it_in_group_none(db: sqlite3.Connection, labelled: int) -> None:
-    # A rare label and a common one are summed by different statements; both must agree.
     jobs = [Job(labels={"problem": f"p{index % 2}"} if index < labelled else {"other": "x"},
                 cpu_ms=float(index + 1)) for index in range(10)]
     insert(db, *jobs, Job(tenant="beta"))
@@ -203,6 +224,17 @@ def test_group_by_label_puts_jobs_without_it_in_group_none(db: sqlite3.Connectio
             assert by_group[("acme", value)]["jobs"] == len(members)
     assert [key for key in by_group] == sorted(by_group, key=lambda key: (key[0], key[1] is not None, key[1] or ""))
     assert sum(row["jobs"] for row in rows) == 11
+
+
+def test_a_label_every_job_carries_leaves_no_group_none(db: sqlite3.Connection) -> None:
+    jobs = [Job(finished_at=at(day, hour), labels={"queue": f"h{hour}"}, cpu_ms=float(hour))
+            for day in (1, 2, 3) for hour in (0, 11, 23)]
+    insert(db, *jobs)
+    for window in [(None, None), ("2026-03-02", "2026-03-03"), ("2026-03-01T11:00", "2026-03-03T11:00")]:
+        rows = report(db, None, *window, "label:queue")["rows"]
+        assert all(row["group"] is not None for row in rows)
+        assert sum(row["jobs"] for row in rows) == report(db, None, *window)["totals"]["jobs"]
+    assert groups(report(db, group_by="label:queue")) == {("acme", "h0"): 3, ("acme", "h11"): 3, ("acme", "h23"): 3}
 
 
 def test_rows_are_sorted_by_tenant_then_group_with_none_first(db: sqlite3.Connection) -> None:
@@ -242,22 +274,38 @@ def random_jobs(count: int) -> list[Job]:
     jobs = []
     for _ in range(count):
         state = chooser.choice(["done"] * 8 + ["cancelled", "queued"])
-        finished = state != "queued"
+        status = None
+        if state == "done":
+            status = chooser.choice(STATUSES)
+        elif state == "cancelled" and chooser.random() < 0.5:
+            status = "signaled"  # cancelled while running; else while queued, with no result
         jobs.append(Job(
             tenant=chooser.choice(["acme", "beta", "gamma"]),
-            finished_at=chooser.choice(times) if finished else None,  # many share a time
+            finished_at=chooser.choice(times) if state != "queued" else None,  # many share a time
             state=state,
-            status=chooser.choice(STATUSES) if state == "done" else None,
+            status=status,
             image=chooser.choice(["host", "gcc13", "jdk21"]),
-            cpu_ms=chooser.randint(0, 10**6) / 8 if finished else None,
-            wall_ms=chooser.randint(0, 10**6) / 4 if finished else None,
-            memory=chooser.randint(0, 4 * GIB) if finished else None,
-            labels={"problem": chooser.choice(["a", "b"])} if chooser.random() < 0.3 else {},
+            cpu_ms=chooser.randint(0, 10**6) / 8 if status else None,
+            wall_ms=chooser.randint(0, 10**6) / 4 if status else None,
+            memory=chooser.randint(0, 4 * GIB) if status else None,
+            labels={"origin": chooser.choice(["web", "api"]),  # on every job
+                    **({"problem": chooser.choice(["a", "b"])} if chooser.random() < 0.3 else {})},
         ))
     return jobs
 
 
-@pytest.mark.parametrize("group_by", [None, "day", "hour", "image", "status", "label:problem"])
+# Windows: open; whole days; partial days at both edges around a whole one; inside one day.
+WINDOWS = [
+    (None, (None, None)),
+    (None, ("2026-03-02", "2026-03-03")),
+    ("beta", ("2026-03-01T12:30", "2026-03-03T06:00")),
+    (None, ("2026-03-02T05:00", None)),
+    (None, (None, "2026-03-02T00:00:00.000001Z")),
+    ("gamma", ("2026-03-02T03:00", "2026-03-02T17:30")),
+]
+
+
+@pytest.mark.parametrize("group_by", [None, "day", "hour", "image", "status", "label:problem", "label:origin"])
 @pytest.mark.parametrize("chunk_rows", [1, 3, 4096])
 def test_report_matches_a_job_by_job_sum_however_the_index_is_chunked(
         db: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch, group_by: str | None, chunk_rows: int) -> None:
@@ -265,7 +313,7 @@ def test_report_matches_a_job_by_job_sum_however_the_index_is_chunked(
     monkeypatch.setattr(usage, "_CHUNK_ROWS", chunk_rows)
     jobs = random_jobs(400)
     insert(db, *jobs)
-    for tenant, window in [(None, (None, None)), ("beta", ("2026-03-01T12:30", "2026-03-03T06:00"))]:
+    for tenant, window in WINDOWS:
         query = parse_usage_query(tenant, *window, group_by)
         rows = usage_report(db, query)["rows"]
         expected = reference(jobs, query)
@@ -421,14 +469,15 @@ def test_cli_reads_through_a_read_only_connection(db: sqlite3.Connection, state_
 # --- speed -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("group_by", [None, "day", "hour", "image", "status", "label:problem"])
-def test_report_statements_read_jobs_through_the_covering_index(
-        db: sqlite3.Connection, group_by: str | None) -> None:
+def test_report_statements_each_read_one_index_range(db: sqlite3.Connection, group_by: str | None) -> None:
     insert(db, *random_jobs(50))
     details = report_plans(db, parse_usage_query(None, None, None, group_by))
-    reads_of_jobs = [detail for detail in details if detail.split()[:2] in (["SCAN", "jobs"], ["SEARCH", "jobs"])]
-    index_range = "SEARCH jobs USING COVERING INDEX jobs_usage (tenant=? AND finished_at>? AND finished_at<?)"
-    assert index_range in reads_of_jobs
-    for detail in reads_of_jobs:
-        # the index range, or, for a rare label, the job found by its rowid from job_labels
-        assert ("USING COVERING INDEX jobs_usage (tenant=?" in detail
-                or detail == "SEARCH jobs USING INTEGER PRIMARY KEY (rowid=?)")
+    jobs_range = "SEARCH jobs USING COVERING INDEX jobs_usage (tenant=? AND finished_at>? AND finished_at<?)"
+    daily_range = "SEARCH usage_daily USING PRIMARY KEY (name=? AND tenant=? AND day>? AND day<?)"
+    label_range = ("SEARCH job_label_usage USING PRIMARY KEY"
+                   " (name=? AND tenant=? AND finished_at>? AND finished_at<?)")
+    assert jobs_range in details
+    assert (daily_range in details) == (group_by != "hour")  # usage_daily has no hours
+    assert (label_range in details) == (group_by == "label:problem")
+    reads = [detail for detail in details if detail.split()[0] in ("SCAN", "SEARCH")]
+    assert set(reads) <= {jobs_range, daily_range, label_range}
