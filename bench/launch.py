@@ -43,7 +43,16 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("bwrap"):
         raise SystemExit("bench needs bubblewrap (apt-get install bubblewrap) as the peer")
+    own_state_dir = args.state_dir is None
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="sandboxd-bench-"))
+    try:
+        measure(args, state_dir)
+    finally:
+        if own_state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, state_dir: Path) -> None:
     runtime = Runtime(state_dir=state_dir, warm_containers=args.warm)
     limits = default_limit_policy().defaults
     ours: list[float] = []
