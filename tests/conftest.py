@@ -145,3 +145,18 @@ def sandbox_guard(runtime) -> Result:
         pytest.fail(f"guard: the pids cap did not hold (forked {forked}, peak {capped.pids_peak})")
     return probe
 
+
+
+@pytest.fixture
+def db_dir(tmp_path: Path) -> Path:
+    """A state directory for a real SQLite database (the store's tests)."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def db(db_dir: Path):
+    from sandboxd.store.db import connect, open_database
+
+    connection = connect(open_database(db_dir))
+    yield connection
+    connection.close()

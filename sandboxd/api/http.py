@@ -107,6 +107,16 @@ def _number(value: str | None, field: str, default: float, low: float, high: flo
     return number
 
 
+def _tenant_scope(tenant: Tenant, query: dict[str, str], what: str) -> str | None:
+    """Whose data a request covers: the caller's own; an admin's, everyone's (None) unless
+    `tenant=` names one. Naming another tenant is for admins only."""
+    if "tenant" in query:
+        if not tenant.admin and query["tenant"] != tenant.name:
+            raise ApiError(403, "forbidden", f"only an admin may see another tenant's {what}")
+        return query["tenant"]
+    return None if tenant.admin else tenant.name
+
+
 class Api:
     def __init__(self, context: ServiceContext) -> None:
         self.c = context
@@ -241,14 +251,7 @@ class Api:
             if not query["cursor"].isdigit():
                 raise invalid("cursor", "is not a cursor this service gave out")
             cursor = int(query["cursor"])
-        only_tenant: str | None = tenant.name
-        if "tenant" in query:
-            if not tenant.admin and query["tenant"] != tenant.name:
-                raise ApiError(403, "forbidden", "only an admin may list another tenant's jobs")
-            only_tenant = query["tenant"]
-        elif tenant.admin:
-            only_tenant = None
-        where = JobFilter(tenant=only_tenant, state=state, label=label, before_seq=cursor, limit=limit)
+        where = JobFilter(tenant=_tenant_scope(tenant, query, "jobs"), state=state, label=label, before_seq=cursor, limit=limit)
         records, next_seq = await self.c.reader.aread(lambda c: list_jobs(c, where))
         fresh = [self.c.scheduler.live(record.id) or record for record in records]
         return _json({"jobs": [job_object(record) for record in fresh],
@@ -273,15 +276,8 @@ class Api:
             fmt = "csv" if "text/csv" in request.headers.get("Accept", "") else "json"
         if fmt not in ("json", "csv"):
             raise invalid("format", "must be json or csv")
-        only_tenant: str | None = tenant.name
-        if "tenant" in query:
-            if not tenant.admin and query["tenant"] != tenant.name:
-                raise ApiError(403, "forbidden", "only an admin may see another tenant's usage")
-            only_tenant = query["tenant"]
-        elif tenant.admin:
-            only_tenant = None
         try:
-            usage_query = parse_usage_query(only_tenant, query.get("from"), query.get("to"), query.get("group_by"))
+            usage_query = parse_usage_query(_tenant_scope(tenant, query, "usage"), query.get("from"), query.get("to"), query.get("group_by"))
         except UsageQueryError as error:
             # The message starts with the parameter's name ("from: ...", "group_by: ...").
             name, _, message = str(error).partition(": ")

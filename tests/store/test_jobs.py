@@ -8,14 +8,14 @@ import itertools
 import random
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from sandboxd.job import STATUSES, InputFile, Result
 from sandboxd.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobRecord, JobRequest
 from sandboxd.limits import default_limit_policy
-from sandboxd.store.db import connect, open_database, rebuild_usage
+from sandboxd.store.db import open_database, rebuild_usage
 from sandboxd.store.jobs import (
     RESTARTED_MESSAGE,
     JobFilter,
@@ -31,18 +31,6 @@ from sandboxd.store.usage import REPORT_STATUSES, parse_usage_query, usage_repor
 LIMITS = default_limit_policy().defaults
 GIB = 2**30
 _ids = itertools.count(1)
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def db(state_dir: Path) -> Iterator[sqlite3.Connection]:
-    connection = connect(open_database(state_dir))
-    yield connection
-    connection.close()
 
 
 def at(day: int, hour: int = 10, minute: int = 0) -> str:
@@ -288,10 +276,10 @@ def test_finishing_a_job_again_replaces_what_it_counted(db: sqlite3.Connection) 
         ("p1", 1, 0.3, {"runtime_error": 1})]
 
 
-def test_opening_a_database_without_the_usage_tables_derives_them(db: sqlite3.Connection, state_dir: Path) -> None:
+def test_opening_a_database_without_the_usage_tables_derives_them(db: sqlite3.Connection, db_dir: Path) -> None:
     random_history(db, 50, seed=3)
     written = usage_rows(db)
     db.execute("DROP TABLE usage_daily")
     db.execute("DROP TABLE job_label_usage")
-    open_database(state_dir)
+    open_database(db_dir)
     assert usage_rows(db) == written

@@ -13,7 +13,7 @@ import sqlite3
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,7 +21,7 @@ from sandboxd.job import STATUSES, Result
 from sandboxd.jobs import CANCELLED, QUEUED, RUNNING, JobRecord, JobRequest
 from sandboxd.limits import default_limit_policy
 from sandboxd.store import usage
-from sandboxd.store.db import DATABASE_FILE, connect, open_database
+from sandboxd.store.db import DATABASE_FILE, connect
 from sandboxd.store.jobs import finish_job, insert_jobs
 from sandboxd.store.usage import (
     CSV_COLUMNS,
@@ -81,18 +81,6 @@ def insert(connection: sqlite3.Connection, *jobs: Job) -> None:
         if job.finished_at is not None:
             finish_job(connection, record.replace(state=job.state, finished_at=job.finished_at, result=result_of(job)))
     connection.execute("COMMIT")
-
-
-@pytest.fixture
-def state_path(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def db(state_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = connect(open_database(state_path))
-    yield connection
-    connection.close()
 
 
 def report(connection: sqlite3.Connection, tenant: str | None = None, from_text: str | None = None,
@@ -426,33 +414,33 @@ def test_cli_on_a_missing_database_exits_1_without_creating_it(
     assert not state.exists()
 
 
-def test_cli_prints_the_report_as_json(db: sqlite3.Connection, state_path: Path,
+def test_cli_prints_the_report_as_json(db: sqlite3.Connection, db_dir: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     insert(db, Job(finished_at=at(1)), Job(finished_at=at(2)))
-    assert run_cli("--state-dir", str(state_path), "--format", "json", "--group-by", "day",
+    assert run_cli("--state-dir", str(db_dir), "--format", "json", "--group-by", "day",
                    "--from", "2026-03-02") == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(report(db, from_text="2026-03-02", group_by="day")))
     assert [row["group"] for row in printed["rows"]] == ["2026-03-02"]
 
 
-def test_cli_prints_csv_and_table(db: sqlite3.Connection, state_path: Path,
+def test_cli_prints_csv_and_table(db: sqlite3.Connection, db_dir: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     insert(db, Job())
-    assert run_cli("--state-dir", str(state_path), "--format", "csv") == 0
+    assert run_cli("--state-dir", str(db_dir), "--format", "csv") == 0
     assert capsys.readouterr().out == usage_csv(report(db))
-    assert run_cli("--state-dir", str(state_path)) == 0
+    assert run_cli("--state-dir", str(db_dir)) == 0
     assert capsys.readouterr().out == usage_table(report(db))
 
 
-def test_cli_bad_query_exits_2_naming_the_option(state_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("--state-dir", str(state_path), "--group-by", "week") == 2
+def test_cli_bad_query_exits_2_naming_the_option(db_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("--state-dir", str(db_dir), "--group-by", "week") == 2
     assert "group_by" in capsys.readouterr().err
-    assert run_cli("--state-dir", str(state_path), "--from", "soon") == 2
+    assert run_cli("--state-dir", str(db_dir), "--from", "soon") == 2
     assert "from" in capsys.readouterr().err
 
 
-def test_cli_reads_through_a_read_only_connection(db: sqlite3.Connection, state_path: Path,
+def test_cli_reads_through_a_read_only_connection(db: sqlite3.Connection, db_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[bool] = []
     real_connect = connect
@@ -462,7 +450,7 @@ def test_cli_reads_through_a_read_only_connection(db: sqlite3.Connection, state_
         return real_connect(path, readonly=readonly)
 
     monkeypatch.setattr("sandboxd.usage_cli.connect", recording_connect)
-    assert run_cli("--state-dir", str(state_path), "--format", "json") == 0
+    assert run_cli("--state-dir", str(db_dir), "--format", "json") == 0
     assert opened == [True]
 
 
