@@ -76,31 +76,22 @@ def _files(value: Any) -> tuple[InputFile, ...]:
     return tuple(parsed)
 
 
-def _env(value: Any) -> tuple[tuple[str, str], ...]:
-    env = _object(value, "env")
-    if len(env) > MAX_ENV:
-        raise invalid("env", f"more than {MAX_ENV} variables")
+def _string_map(value: Any, field: str, key_re: re.Pattern[str], max_items: int, key_kind: str,
+                max_value_chars: int | None = None) -> tuple[tuple[str, str], ...]:
+    """A JSON object of strings (env, labels): keys matching key_re, at most max_items."""
+    mapping = _object(value, field)
+    if len(mapping) > max_items:
+        raise invalid(field, f"more than {max_items} entries")
     pairs = []
-    for key, item in env.items():
-        if not ENV_KEY_RE.match(key):
-            raise invalid(f"env[{key!r}]", f"a variable name must match {ENV_KEY_RE.pattern}")
-        pairs.append((key, _string(item, f"env[{key!r}]")))
-    return tuple(pairs)
-
-
-def _labels(value: Any) -> tuple[tuple[str, str], ...]:
-    labels = _object(value, "labels")
-    if len(labels) > MAX_LABELS:
-        raise invalid("labels", f"more than {MAX_LABELS} labels")
-    pairs = []
-    for key, item in labels.items():
-        if not LABEL_NAME_RE.match(key):
-            raise invalid(f"labels[{key!r}]", f"a label name must match {LABEL_NAME_RE.pattern}")
-        text = _string(item, f"labels[{key!r}]")
-        if len(text) > MAX_LABEL_VALUE_CHARS:
-            raise invalid(f"labels[{key!r}]", f"longer than {MAX_LABEL_VALUE_CHARS} characters")
+    for key, item in mapping.items():
+        where = f"{field}[{key!r}]"
+        if not key_re.match(key):
+            raise invalid(where, f"a {key_kind} must match {key_re.pattern}")
+        text = _string(item, where)
+        if max_value_chars is not None and len(text) > max_value_chars:
+            raise invalid(where, f"longer than {max_value_chars} characters")
         pairs.append((key, text))
-    return tuple(sorted(pairs))
+    return tuple(pairs)
 
 
 def _limits(value: Any, policy: LimitPolicy, tenant: Tenant):
@@ -149,8 +140,9 @@ def parse_job(body: Any, *, policy: LimitPolicy, tenant: Tenant, images: set[str
             limits=_limits(job.get("limits", {}), policy, tenant),
             stdin=_content(job["stdin"], "stdin") if job.get("stdin") is not None else None,
             files=_files(job.get("files", {})),
-            env=_env(job.get("env", {})),
-            labels=_labels(job.get("labels", {})),
+            env=_string_map(job.get("env", {}), "env", ENV_KEY_RE, MAX_ENV, "variable name"),
+            labels=tuple(sorted(_string_map(job.get("labels", {}), "labels", LABEL_NAME_RE, MAX_LABELS,
+                                            "label name", MAX_LABEL_VALUE_CHARS))),
         )
     except ApiError as error:
         if where and "field" in error.details:
