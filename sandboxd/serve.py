@@ -129,6 +129,11 @@ async def serve(options: ServeOptions) -> int:
         await site.stop()  # no new connections; open ones get their answers
         await scheduler.drain(options.grace_s)
         log.info("service.stopped")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Closing the loop would restore the default action, and a second SIGTERM while
+            # the interpreter exits would then turn a clean drain into death by signal.
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
         return 0
     finally:
         if runner is not None:
