@@ -35,7 +35,6 @@ from sandboxd.runtime.pid import (
     ignore_job_signals,
     run_init,
 )
-from sandboxd.runtime.seccomp import compiled_filter
 from sandboxd.runtime.user import IdMapping, become_job_user, become_setup_identity
 
 # Only what clone() alone can do: PID 1 of a new PID namespace, in a new user namespace.
@@ -66,7 +65,7 @@ class JobOrder:
     env: dict[str, str]
     files: tuple[InputFile, ...]
     rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
-    seccomp_policy: str
+    seccomp_bpf: bytes  # the compiled policy, installed last
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def _take_job_limits(order: JobOrder) -> None:
     Python between fork and exec."""
     for limit, soft, hard in order.rlimits:
         resource.setrlimit(limit, (soft, hard))
-    compiled_filter(order.seccomp_policy).install()
+    libc.seccomp_set_filter(order.seccomp_bpf)
 
 
 def _spawn_job(order: JobOrder, stdio: tuple[int, int, int]) -> int:
@@ -178,6 +177,7 @@ def container_main(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[],
     # this short-lived process.
     gc.disable()
     try:
+        libc.set_process_name("sbx-init")
         _prepare(plan, fds, join_cgroup)
         os.write(fds.control, READY)
         order, stdio = _receive_order(fds.control)

@@ -19,6 +19,7 @@ from sandboxd.runtime.cgroup import CgroupError, kill_cgroup_processes, rmdir_cg
 
 def _serve(requests_fd: int, acks_fd: int) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.set_process_name("sbx-janitor")
     with os.fdopen(requests_fd, "r") as requests:
         for line in requests:
             for directory in json.loads(line):

@@ -7,6 +7,8 @@ Launch speed: a container can be prepared before its job exists (cloned, id-mapp
 a cgroup, its filesystem built), so starting a job only sends the order. With
 `warm_containers=N` the runtime keeps N prepared containers of the default image and refills
 the pool while jobs run. Accounting starts when the order is sent: set-up CPU is not billed.
+Nothing waits for a container to be prepared: a job that finds none ready waits for one in
+the supervisor's loop, while other jobs run and finish.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,38 +29,55 @@ from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
 from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, block_devices, detect_driver
-from sandboxd.runtime.container import (
-    CLONE_FLAGS,
-    ChildFds,
-    READY,
-    ContainerPlan,
-    JobOrder,
-    container_main,
-    send_order,
-)
-from sandboxd.runtime.mnt import RootfsPlan
+from sandboxd.runtime.container import READY, ContainerPlan, JobOrder, send_order
 from sandboxd.runtime.janitor import Janitor
+from sandboxd.runtime.mnt import RootfsPlan
 from sandboxd.runtime.net import loopback_up_request
 from sandboxd.runtime.seccomp import compiled_filter
-from sandboxd.runtime.supervisor import RunningJob, Supervisor, OutputStream, cpu_parallelism
-from sandboxd.runtime.user import choose_id_mapping, write_id_maps
+from sandboxd.runtime.supervisor import (
+    OutputStream,
+    RunningJob,
+    Supervisor,
+    cpu_parallelism,
+    internal_error_result,
+)
+from sandboxd.runtime.user import choose_id_mapping
+from sandboxd.runtime.zygote import Cloned, ZygoteClient, clone_container
 from sandboxd.state import default_state_dir
 
 SHM_MAX_BYTES = 64 << 20
 IMAGE_RECHECK_S = 1.0
+POOL_FAILURE_PAUSE_S = 1.0
 DEFAULT_IMAGE = "host"
 
 
-@dataclass
-class _Container:
-    """A cloned container preparing itself, or prepared and waiting for its job's order."""
+@dataclass(eq=False)
+class _Waiting:
+    """A job between start() and its order: its container is not ready yet."""
 
-    pid: int
-    pidfd: int
-    control: socket.socket
-    report_fd: int
+    spec: JobSpec
+    order: JobOrder
+    on_done: Callable[[Result], None]
+    killed_for: str | None = None  # killed before it started: it never gets its order
+
+
+@dataclass(eq=False)
+class _Container:
+    """A container from its clone to its job's order. States: cloning (the zygote is at
+    it), preparing (cloned, building itself), ready (said READY; its cgroup adopted), failed."""
+
     job_id: str  # names its cgroup, which the container creates itself
     limits: Limits  # the caps its cgroup was created with
+    shape: tuple[str, str, int]  # image, hostname, disk size
+    pooled: bool  # made ahead for any job of its shape, not for one job
+    waiting: _Waiting | None = None
+    state: str = "cloning"
+    failure: str | None = None
+    pid: int = 0  # 0 until cloned
+    pidfd: int = -1
+    control: socket.socket | None = None
+    report_fd: int = -1
+    cgroup: JobCgroup | None = None
 
 
 def _stdin_fd(data: bytes | None) -> int:
@@ -69,6 +89,13 @@ def _stdin_fd(data: bytes | None) -> int:
         view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def _kill_quietly(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _cgroup_caps(limits: Limits) -> tuple:
@@ -93,10 +120,13 @@ class Runtime:
         cgroup_driver: CgroupDriver | None = None,
         warm_containers: int = 0,
         loopback_request: bytes | None = None,
+        zygote: bool = False,
     ) -> None:
         """loopback_request: the netlink message that brings `lo` up, when the caller has it
         encoded already (the launcher gets it from the service: encoding it needs pyroute2,
-        whose memory every container would otherwise copy at clone)."""
+        whose memory every container would otherwise copy at clone).
+        zygote: clone containers from a zygote process, never blocking the caller's loop
+        (the launcher); without it, start() clones in this process."""
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         # World-traversable: the container's set-up identity may be another uid than ours.
         self.state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -111,12 +141,34 @@ class Runtime:
         self._supervisor = Supervisor()
         self._janitor = Janitor()
         self._warm_target = warm_containers
-        self._warm: list[_Container] = []
-        compiled_filter()  # compile once here, so every container inherits it
+        self._pool: list[_Container] = []  # made ahead, no job yet
+        self._refill_after = 0.0  # monotonic time
+        self._starting: dict[str, _Container] = {}  # job id -> the container it waits for
+        self._pids: dict[str, int] = {}  # job id -> its container's host pid, while it runs
+        self._cloning: deque[_Container] = deque()  # asked of the zygote, in order
+        self._zygote: ZygoteClient | None = None
+        compiled_filter()  # compile once here; every job's order carries the program
+        if zygote:
+            self._zygote = ZygoteClient(self.cgroups, self._on_cloned)
+            self._supervisor.register_fd(self._zygote.fileno(), self._zygote.on_readable)
 
     @property
     def supervisor(self) -> Supervisor:
         return self._supervisor
+
+    @property
+    def active(self) -> int:
+        """Jobs started and not yet cleaned up (waiting for a container, or running)."""
+        return len(self._starting) + self._supervisor.pending
+
+    @property
+    def running(self) -> int:
+        """Jobs started whose result is not delivered yet."""
+        return len(self._starting) + self._supervisor.running
+
+    def job_pid(self, job_id: str) -> int | None:
+        """The host pid of a running job's container init (None before its order, and after)."""
+        return self._pids.get(job_id)
 
     def _image(self, name: str) -> Image:
         """resolve_image, at most once a second per image: it checks the host for changes."""
@@ -153,142 +205,185 @@ class Runtime:
             env=env,
             files=spec.files,
             rlimits=_rlimits(spec.limits),
-            seccomp_policy=spec.seccomp_policy,
+            seccomp_bpf=compiled_filter(spec.seccomp_policy).bpf,
         )
 
-    def _clone(self, plan: ContainerPlan, job_id: str, limits: Limits) -> _Container:
-        """Clone a container into its user and PID namespaces; it prepares itself meanwhile
-        (cgroup, other namespaces, filesystem) and says READY on its control socket."""
-        cgroups = self.cgroups
+    # A container's life before its job: _new_container, _on_cloned, _on_control, _settled.
 
-        def join_cgroup() -> None:
-            cgroup = cgroups.create(job_id, limits)
-            cgroup.attach(0)  # "0": the writing process
-            cgroup.close()
-
-        go_read, go_write = os.pipe2(os.O_CLOEXEC)
-        report_read, report_write = os.pipe2(os.O_CLOEXEC)
-        parent_control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fds = ChildFds(go=go_read, report=report_write, control=child_control.fileno())
-        try:
-            pid = libc.clone(CLONE_FLAGS)
-        except BaseException:
-            for fd in (go_read, go_write, report_read, report_write):
-                os.close(fd)
-            parent_control.close()
-            child_control.close()
-            raise
-        if pid == 0:
-            libc.close_fds_except({go_read, report_write, child_control.fileno()})
-            container_main(plan, child_fds, join_cgroup)
-        os.close(go_read)
-        os.close(report_write)
-        child_control.close()
-        container = _Container(pid, os.pidfd_open(pid), parent_control, report_read, job_id, limits)
-        try:
-            write_id_maps(pid, plan.id_mapping)
-            os.write(go_write, b"g")
-        except BaseException:
-            self._discard(container)
-            raise
-        finally:
-            os.close(go_write)
+    def _new_container(self, shape: tuple[str, str, int], job_id: str, limits: Limits,
+                       waiting: _Waiting | None) -> _Container:
+        image, hostname, disk_bytes = shape
+        plan = self._container_plan(image, disk_bytes, hostname)
+        container = _Container(job_id, limits, shape, pooled=waiting is None, waiting=waiting)
+        if waiting is None:
+            self._pool.append(container)
+        else:
+            self._starting[waiting.spec.job_id] = container
+        if self._zygote is not None:
+            self._zygote.request(job_id, plan, limits)
+            self._cloning.append(container)
+        else:
+            self._took_clone(container, clone_container(plan, job_id, limits, self.cgroups))
         return container
 
-    def _discard(self, container: _Container) -> None:
+    def _on_cloned(self, cloned: Cloned) -> None:
+        container = self._cloning.popleft()  # the zygote answers in order
+        assert container.job_id == cloned.job_id, (container.job_id, cloned.job_id)
+        self._took_clone(container, cloned)
+
+    def _took_clone(self, container: _Container, cloned: Cloned) -> None:
+        container.pid = cloned.pid
+        if cloned.pid:
+            container.pidfd = os.pidfd_open(cloned.pid)
+        if cloned.control is None:
+            container.state, container.failure = "failed", cloned.error
+            self._settled(container)
+            return
+        container.control, container.report_fd = cloned.control, cloned.report_fd
+        container.state = "preparing"
+        self._supervisor.register_fd(cloned.control.fileno(), lambda: self._on_control(container))
+
+    def _on_control(self, container: _Container) -> None:
+        """The container said READY, or failed (its report says why) and closed the socket."""
+        if container.state != "preparing" or container.control is None:
+            return
+        self._supervisor.unregister_fd(container.control.fileno())
         try:
-            signal.pidfd_send_signal(container.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(container.pid, 0)
-        for fd in (container.pidfd, container.report_fd):
-            os.close(fd)
-        container.control.close()
-        self._janitor.remove(self.cgroups.directories(container.job_id))
-
-    def _ready_cgroup(self, container: _Container) -> JobCgroup | None:
-        """Wait until the container is prepared; its cgroup, or None if it failed (its
-        report then says why)."""
-        if container.control.recv(1) != READY:
-            return None
-        return self.cgroups.adopt(container.job_id)
-
-    def _take_warm(self, spec: JobSpec) -> tuple[_Container, JobCgroup] | None:
-        """A prepared container fits a job of the default image, hostname and disk size."""
-        while self._warm and (spec.image, spec.hostname, spec.limits.disk_bytes) == self._warm_shape():
-            container = self._warm.pop(0)
+            said = container.control.recv(1)
+        except OSError:
+            said = b""
+        if said == READY:
             try:
-                cgroup = self._ready_cgroup(container)
-                if cgroup is not None:
-                    if _cgroup_caps(spec.limits) != _cgroup_caps(container.limits):
-                        cgroup.assign(spec.job_id, spec.limits)
-                    else:  # the caps are the pool's already: no cgroup writes on the job's path
-                        cgroup.job_id = spec.job_id
-                    return container, cgroup
-            except (OSError, CgroupError):
-                pass
-            self._discard(container)  # it died while waiting, or its limits could not be set
-        return None
-
-    @staticmethod
-    def _warm_shape() -> tuple[str, str, int]:
-        return DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes
-
-    @property
-    def warm_deficit(self) -> int:
-        return self._warm_target - len(self._warm)
-
-    def prewarm(self, count: int | None = None) -> None:
-        """Prepare containers for the pool: up to its target, or at most `count` more."""
-        wanted = self.warm_deficit if count is None else min(count, self.warm_deficit)
-        defaults = default_limit_policy().defaults
-        for _ in range(wanted):
-            plan = self._container_plan(DEFAULT_IMAGE, defaults.disk_bytes, DEFAULT_HOSTNAME)
-            self._warm.append(self._clone(plan, new_job_id(), defaults))
-
-    def start(self, spec: JobSpec, on_done: Callable[[Result], None], refill: bool = True) -> int:
-        """Launch the job; on_done gets its Result from a later step(). Returns the
-        container's host pid (for kill()). refill=False leaves refilling the pool to the
-        caller (the launcher does it when idle, off the jobs' path)."""
-        order = self._job_order(spec)
-        warm = self._take_warm(spec)
-        if warm is not None:
-            container, cgroup = warm
+                container.cgroup = self.cgroups.adopt(container.job_id)
+                container.state = "ready"
+            except (OSError, CgroupError) as error:
+                container.state, container.failure = "failed", f"adopting its cgroup: {error}"
         else:
-            plan = self._container_plan(spec.image, spec.limits.disk_bytes, spec.hostname)
-            container = self._clone(plan, spec.job_id, spec.limits)
+            container.state = "failed"
+        self._settled(container)
+
+    def _settled(self, container: _Container) -> None:
+        """Ready or failed: start its waiting job; a failed pool container gives its job to another."""
+        waiting = container.waiting
+        if container.state == "ready":
+            if waiting is not None:
+                self._dispatch(container)
+            return
+        if waiting is None or container.pooled:
+            if container in self._pool:
+                self._pool.remove(container)
+            self._discard(container)
+            # Whatever broke it (the image, the host) would break its replacement too.
+            self._refill_after = time.monotonic() + POOL_FAILURE_PAUSE_S
+            if waiting is not None:
+                del self._starting[waiting.spec.job_id]
+                self._place(waiting)
+            return
+        if container.control is not None:
+            self._dispatch(container)  # the job gets the container's report as its result
+            return
+        self._discard(container)
+        del self._starting[waiting.spec.job_id]
+        waiting.on_done(internal_error_result(f"building the container: {container.failure}"))
+
+    def _discard(self, container: _Container) -> None:
+        if container.pid:
+            _kill_quietly(container.pidfd)
+            os.waitpid(container.pid, 0)
+            os.close(container.pidfd)
+            self._janitor.remove(self.cgroups.directories(container.job_id))
+        if container.report_fd != -1:
+            os.close(container.report_fd)
+        if container.control is not None:
+            if container.state == "preparing":
+                self._supervisor.unregister_fd(container.control.fileno())
+            container.control.close()
+        if container.cgroup is not None:
+            container.cgroup.close()
+        container.state = "failed"
+
+    # A job's start: _place it on a container, _dispatch it once the container is ready.
+
+    def _take_from_pool(self, shape: tuple[str, str, int]) -> _Container | None:
+        fitting = [c for c in self._pool if c.shape == shape and c.state != "failed"]
+        if not fitting:
+            return None
+        container = next((c for c in fitting if c.state == "ready"), fitting[0])
+        self._pool.remove(container)
+        return container
+
+    def _place(self, waiting: _Waiting) -> None:
+        spec = waiting.spec
+        shape = (spec.image, spec.hostname, spec.limits.disk_bytes)
+        container = self._take_from_pool(shape)
+        if container is None:
+            self._new_container(shape, spec.job_id, spec.limits, waiting)
+            return
+        container.waiting = waiting
+        self._starting[spec.job_id] = container
+        if container.state == "ready":
+            self._dispatch(container)
+
+    def _dispatch(self, container: _Container) -> None:
+        waiting = container.waiting
+        assert waiting is not None
+        container.waiting = None
+        del self._starting[waiting.spec.job_id]
+        cgroup = container.cgroup
+        if cgroup is not None and container.pooled:
+            spec = waiting.spec
             try:
-                cgroup = self._ready_cgroup(container)
-            except BaseException:
-                self._discard(container)
-                raise
+                if _cgroup_caps(spec.limits) != _cgroup_caps(container.limits):
+                    cgroup.assign(spec.job_id, spec.limits)
+                else:  # the caps are the pool's already: no cgroup writes on the job's path
+                    cgroup.job_id = spec.job_id
+            except (OSError, CgroupError):
+                self._discard(container)  # its limits could not be set: another one
+                self._place(waiting)
+                return
+        try:
+            self._send_order(container, waiting)
+        except Exception as error:  # noqa: BLE001 - a job's failure must not stop the loop
+            self._discard(container)
+            waiting.on_done(internal_error_result(f"starting the job: {type(error).__name__}: {error}"))
+
+    def _send_order(self, container: _Container, waiting: _Waiting) -> None:
+        spec, cgroup = waiting.spec, container.cgroup
+        assert container.control is not None
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
         stdin_fd = _stdin_fd(spec.stdin)
         try:
-            if cgroup is not None:  # else the container failed: its report says why
+            if waiting.killed_for is not None:
+                # Killed before its order: it dies without it (and so reports nothing).
+                _kill_quietly(container.pidfd)
+            elif cgroup is not None:  # else the container failed: its report says why
                 cgroup.begin_accounting()
-                send_order(container.control, order, (stdin_fd, stdout_write, stderr_write))
+                send_order(container.control, waiting.order, (stdin_fd, stdout_write, stderr_write))
             started_ns = time.monotonic_ns()
         except BaseException:
             for fd in (stdout_read, stderr_read):
                 os.close(fd)
-            if cgroup is not None:
-                cgroup.close()
-            self._discard(container)
             raise
         finally:
             for fd in (stdin_fd, stdout_write, stderr_write):
                 os.close(fd)
-            container.control.close()
+        container.control.close()
+        container.control = None
+        container.cgroup = None  # the supervisor's from here on
         limits = spec.limits
         parallelism = cpu_parallelism(limits.cpus)
         directories = self.cgroups.directories(container.job_id)
+        job_id = spec.job_id
 
         def on_gone() -> None:
             if cgroup is not None:
                 cgroup.close()
             self._janitor.remove(directories)
+
+        def on_done(result: Result) -> None:
+            self._pids.pop(job_id, None)
+            waiting.on_done(result)
 
         self._supervisor.watch(
             RunningJob(
@@ -307,34 +402,74 @@ class Runtime:
                 next_cpu_check_ns=started_ns + int(min(0.1, limits.cpu_time_s / parallelism) * 1e9),
             )
         )
+        self._pids[job_id] = container.pid
+        if waiting.killed_for is not None:
+            self._supervisor.kill(container.pid, waiting.killed_for)
+
+    @staticmethod
+    def _warm_shape() -> tuple[str, str, int]:
+        return DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes
+
+    @property
+    def warm_deficit(self) -> int:
+        """How many containers the pool lacks; 0 for a while after one failed to prepare."""
+        if time.monotonic() < self._refill_after:
+            return 0
+        return self._warm_target - len(self._pool)
+
+    def prewarm(self, count: int | None = None) -> None:
+        """Prepare containers for the pool: up to its target, or at most `count` more."""
+        wanted = self.warm_deficit if count is None else min(count, self.warm_deficit)
+        defaults = default_limit_policy().defaults
+        for _ in range(wanted):
+            self._new_container(self._warm_shape(), new_job_id(), defaults, None)
+
+    def start(self, spec: JobSpec, on_done: Callable[[Result], None], refill: bool = True) -> None:
+        """Launch the job: at once on a ready container, else as soon as one is; on_done gets
+        its Result from a later step(). Raises UnknownImageError for an unknown image.
+        refill=False leaves refilling the pool to the caller."""
+        self._place(_Waiting(spec, self._job_order(spec), on_done))
         if refill:
             self.prewarm()
-        return container.pid
+
+    def kill(self, job_id: str, reason: str) -> None:
+        """Kill a job, started or still waiting for its container; its Result still comes."""
+        container = self._starting.get(job_id)
+        if container is not None and container.waiting is not None:
+            container.waiting.killed_for = container.waiting.killed_for or reason
+            return
+        pid = self._pids.get(job_id)
+        if pid is not None:
+            self._supervisor.kill(pid, reason)
 
     def run(self, spec: JobSpec) -> Result:
         """Run one job to its end and return its Result as soon as it is known; the
         container's teardown finishes during later calls, or in settle() or close().
         Interrupted (Ctrl-C), it kills the job and cleans up first."""
         results: list[Result] = []
-        pid = self.start(spec, results.append)
+        self.start(spec, results.append)
         try:
             while not results:
                 self._supervisor.step(None)
         except BaseException:
-            self._supervisor.kill(pid, "interrupted")
-            self._supervisor.settle()
+            self.kill(spec.job_id, "interrupted")
+            self.settle()
             raise
         return results[0]
 
     def settle(self) -> None:
-        """Wait until every finished job's container and cgroup are gone."""
-        self._supervisor.settle()
+        """Wait until every started job is delivered and its container and cgroup are gone."""
+        while self._starting or self._supervisor.pending:
+            self._supervisor.step(1.0)
         self._janitor.flush()
 
     def close(self) -> None:
-        """Discard the prepared containers, settle, and stop the janitor."""
-        while self._warm:
-            self._discard(self._warm.pop())
-        self._supervisor.settle()
+        """Discard the prepared containers, settle, and stop the zygote and the janitor."""
+        if self._zygote is not None:
+            self._supervisor.unregister_fd(self._zygote.fileno())
+            self._zygote.close()  # every container it made is known after this
+            self._zygote = None
+        while self._pool:
+            self._discard(self._pool.pop())
+        self.settle()
         self._janitor.close()
-

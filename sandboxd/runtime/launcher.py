@@ -49,7 +49,7 @@ class _Server:
         self._sock = sock
         self._runtime = runtime
         self._buffer = bytearray()
-        self._pids: dict[int, int] = {}  # token -> container pid
+        self._jobs: dict[int, str] = {}  # token -> job id, until its result is sent
         self.open = True
 
     def on_readable(self) -> None:
@@ -71,24 +71,28 @@ class _Server:
 
         if message[0] == "run":
             _, token, spec = message
+            self._jobs[token] = spec.job_id
             try:
-                pid = self._runtime.start(spec, lambda result, token=token: self._done(token, result),
-                                          refill=False)
+                self._runtime.start(spec, lambda result, token=token: self._done(token, result), refill=False)
             except UnknownImageError as error:
+                self._jobs.pop(token, None)
                 self._send(("error", token, "usage", str(error.args[0])))
             except Exception as error:  # noqa: BLE001 - the service must hear of every failure
+                self._jobs.pop(token, None)
                 self._send(("error", token, "internal", f"{type(error).__name__}: {error}"))
-            else:
-                self._pids[token] = pid
         elif message[0] == "kill":
-            pid = self._pids.get(message[1])
-            if pid is not None:
-                self._runtime.supervisor.kill(pid, "cancelled")
+            job_id = self._jobs.get(message[1])
+            if job_id is not None:
+                self._runtime.kill(job_id, "cancelled")
         elif message[0] == "close":
             self.open = False
 
+    def kill_all(self) -> None:
+        for job_id in list(self._jobs.values()):
+            self._runtime.kill(job_id, "cancelled")
+
     def _done(self, token: int, result: Result) -> None:
-        self._pids.pop(token, None)
+        self._jobs.pop(token, None)
         self._send(("done", token, result))
 
     def _send(self, message: tuple) -> None:
@@ -105,6 +109,7 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
 
     # Dies with the service, even by SIGKILL; containers die with us (their own PDEATHSIG).
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.set_process_name("sbx-launcher")
     if os.getppid() == 1:
         return  # the service died before the line above took effect
     driver = detect_driver(cgroup_base)
@@ -112,7 +117,7 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
     # or dead; nothing else creates cgroups under this service's own base.
     driver.remove_stale()
     runtime = Runtime(state_dir=state_dir, cgroup_driver=driver, warm_containers=warm_containers,
-                      loopback_request=loopback_request)
+                      loopback_request=loopback_request, zygote=True)
     runtime.prewarm()
     # What exists now lives as long as we do: out of the collector's reach, its objects are
     # never written to by a collection in a cloned container (copy-on-write stays shared).
@@ -122,16 +127,15 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
     server = _Server(sock, runtime)
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
     try:
-        while server.open or runtime.supervisor.pending:
-            # The pool is refilled only while no job runs and nothing waits: a refill is a
-            # clone, which would otherwise sit between a job and its start or its result.
-            idle_refill = server.open and runtime.warm_deficit > 0 and runtime.supervisor.running == 0
+        while server.open or runtime.active:
+            # The pool is refilled only while no job runs and nothing waits: a container
+            # preparing itself would otherwise take a core from a job or its result.
+            idle_refill = server.open and runtime.warm_deficit > 0 and runtime.running == 0
             handled = runtime.supervisor.step(0 if idle_refill else (None if server.open else 1.0))
             if idle_refill and handled == 0:
                 runtime.prewarm(count=1)
             if not server.open:
-                for pid in list(server._pids.values()):
-                    runtime.supervisor.kill(pid, "cancelled")
+                server.kill_all()
     finally:
         runtime.close()
         driver.release()

@@ -11,6 +11,7 @@ import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -38,6 +39,9 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYS_CLONE = 56
 _SYS_PIVOT_ROOT = 155
+_SYS_SECCOMP = 317
+_SECCOMP_SET_MODE_FILTER = 1
+_BPF_INSTRUCTION_BYTES = 8  # struct sock_filter
 
 _libc.syscall.restype = ctypes.c_long
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
@@ -62,6 +66,19 @@ def clone(flags: int) -> int:
     address space exactly as fork does. Only safe from a single-threaded process.
     """
     return _check(_libc.syscall(_SYS_CLONE, ctypes.c_ulong(flags | 17), None, None, None, None), "clone")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_set_filter(program: bytes) -> None:
+    """Filter the calling thread (and what it execs) with a classic BPF program. Needs
+    PR_SET_NO_NEW_PRIVS or CAP_SYS_ADMIN."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // _BPF_INSTRUCTION_BYTES, ctypes.addressof(buffer))
+    _check(_libc.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_long(_SECCOMP_SET_MODE_FILTER), ctypes.c_long(0),
+                         ctypes.byref(fprog)), "seccomp(SECCOMP_SET_MODE_FILTER)")
 
 
 def close_fds_except(keep: set[int]) -> None:
@@ -108,6 +125,15 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def set_process_name(name: str) -> None:
+    """The name ps and top show (at most 15 bytes): which of our processes is which."""
+    fd = os.open("/proc/thread-self/comm", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, name.encode()[:15])
+    finally:
+        os.close(fd)
 
 
 class _CapHeader(ctypes.Structure):

@@ -24,7 +24,6 @@ a security policy must not silently widen or narrow it. Differences from Docker'
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import json
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandboxd.policy_files import read_policy_file
+from sandboxd.runtime.libc import seccomp_set_filter
 
 try:  # the distribution's binding (python3-seccomp) where installed, else the PyPI ctypes binding
     import seccomp  # type: ignore[import-not-found]
@@ -281,35 +281,19 @@ def compile_policy(policy: SeccompPolicy) -> bytes:
     return bytes(program)
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)  # our own handle: argtypes here do not leak to others
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p)
-_SYS_SECCOMP = 317  # x86_64
-_SECCOMP_SET_MODE_FILTER = 1
-
-
 class PreparedFilter:
-    """A compiled program, laid out for seccomp() before fork so the child only makes the call."""
+    """A compiled program, checked once; a job's container installs its bytes right before execve."""
 
     def __init__(self, bpf: bytes) -> None:
         count, rest = divmod(len(bpf), _INSN.size)
         if rest or not 0 < count <= _BPF_MAXINSNS:
             raise ValueError(f"not a classic BPF program: {len(bpf)} bytes")
         self.instructions = count
-        self._buffer = ctypes.create_string_buffer(bpf, len(bpf))  # kept alive with the object
-        self._prog = _SockFprog(count, ctypes.addressof(self._buffer))
-        self._args = (_SYS_SECCOMP, _SECCOMP_SET_MODE_FILTER, 0, ctypes.addressof(self._prog))
+        self.bpf = bpf
 
     def install(self) -> None:
         """Filter the calling thread (and what it execs). Needs PR_SET_NO_NEW_PRIVS or CAP_SYS_ADMIN."""
-        if _syscall(*self._args) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(error)}")
+        seccomp_set_filter(self.bpf)
 
 
 def compiled_filter(name: str = "default") -> PreparedFilter:

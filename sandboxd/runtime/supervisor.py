@@ -118,6 +118,9 @@ class Supervisor:
         """Let an owner (the launcher server) share this loop for its own sockets."""
         self._selector.register(fd, selectors.EVENT_READ, callback)
 
+    def unregister_fd(self, fd: int) -> None:
+        self._selector.unregister(fd)
+
     def kill(self, pid: int, reason: str) -> None:
         job = self._jobs.get(pid)
         if job is not None and job.result is None:
@@ -322,6 +325,14 @@ def _finish(job: RunningJob) -> Result:
         accounting_source=_accounting_source(stats),
         message=message,
     )
+
+
+def internal_error_result(message: str) -> Result:
+    """The Result of a job that could not be started: nothing ran, nothing was measured."""
+    return Result(status="internal_error", exit_code=None, signal=None, cpu_time_ms=0.0, cpu_user_ms=0.0,
+                  cpu_sys_ms=0.0, wall_time_ms=0.0, memory_peak_bytes=0, pids_peak=0, oom_killed=False,
+                  limit_hit=None, stdout=b"", stderr=b"", stdout_truncated=False, stderr_truncated=False,
+                  accounting_source={}, message=message)
 
 
 def _accounting_source(stats: CgroupStats | None) -> dict[str, str]:

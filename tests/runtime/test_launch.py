@@ -237,7 +237,11 @@ def test_job_runs_as_a_host_uid_that_is_neither_root_nor_the_service(runtime):
     if mapping.scheme == "single":
         pytest.skip("no /etc/subuid range for this user: the job shares the service's uid, as bubblewrap's")
     results = []
-    init_pid = runtime.start(job(["sleep", "30"]), results.append)
+    spec = job(["sleep", "30"])
+    runtime.start(spec, results.append)
+    while runtime.job_pid(spec.job_id) is None:  # a cold start: the order goes out once it is ready
+        runtime.supervisor.step(0.01)
+    init_pid = runtime.job_pid(spec.job_id)
     children = Path(f"/proc/{init_pid}/task/{init_pid}/children")
     while not children.read_text().split():  # the job is spawned right after the order
         runtime.supervisor.step(0.01)
@@ -245,7 +249,7 @@ def test_job_runs_as_a_host_uid_that_is_neither_root_nor_the_service(runtime):
     try:
         host_uid = _host_uid(job_pid)
     finally:
-        runtime.supervisor.kill(init_pid, "test over")
+        runtime.kill(spec.job_id, "test over")
         while not results:
             runtime.supervisor.step(1.0)
     assert host_uid not in (0, os.getuid())
