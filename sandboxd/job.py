@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,8 @@ class SpecError(ValueError):
 
 
 def new_job_id() -> str:
+    import uuid  # imported on use: the zygote, which never calls this, stays small
+
     return uuid.uuid4().hex
 
 
@@ -123,13 +124,23 @@ class Result:
         return 125
 
     def to_json_dict(self, include_base64: bool = False) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        # Shallow: asdict() would deep-copy every value, on the path of every answer.
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["accounting_source"] = dict(self.accounting_source)
         data["stdout"] = self.stdout.decode("utf-8", errors="replace")
         data["stderr"] = self.stderr.decode("utf-8", errors="replace")
         if include_base64:
             data["stdout_base64"] = base64.b64encode(self.stdout).decode()
             data["stderr_base64"] = base64.b64encode(self.stderr).decode()
         return data
+
+
+def internal_error_result(message: str) -> Result:
+    """The Result of a job that could not run (or whose end was lost): nothing measured."""
+    return Result(status="internal_error", exit_code=None, signal=None, cpu_time_ms=0.0, cpu_user_ms=0.0,
+                  cpu_sys_ms=0.0, wall_time_ms=0.0, memory_peak_bytes=0, pids_peak=0, oom_killed=False,
+                  limit_hit=None, stdout=b"", stderr=b"", stdout_truncated=False, stderr_truncated=False,
+                  accounting_source={}, message=message)
 
 
 def decide_status(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
@@ -87,6 +86,8 @@ class LimitPolicy:
 
 
 def load_limit_policy(text: str, where: str) -> LimitPolicy:
+    import tomllib  # imported on use: the zygote, which never calls this, stays small
+
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -8,7 +8,10 @@ layered images both resolve to this.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pathlib is not imported by the zygote, which needs ImageMount
+    from pathlib import Path
 
 
 class UnknownImageError(LookupError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from sandboxd.images import Image, resolve_image
-from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, new_job_id
+from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, internal_error_result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
 from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, block_devices, detect_driver
@@ -34,13 +34,7 @@ from sandboxd.runtime.janitor import Janitor
 from sandboxd.runtime.mnt import RootfsPlan
 from sandboxd.runtime.net import loopback_up_request
 from sandboxd.runtime.seccomp import compiled_filter
-from sandboxd.runtime.supervisor import (
-    OutputStream,
-    RunningJob,
-    Supervisor,
-    cpu_parallelism,
-    internal_error_result,
-)
+from sandboxd.runtime.supervisor import OutputStream, RunningJob, Supervisor, cpu_parallelism
 from sandboxd.runtime.user import choose_id_mapping
 from sandboxd.runtime.zygote import Cloned, ZygoteClient, clone_container
 from sandboxd.state import default_state_dir

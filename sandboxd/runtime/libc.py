@@ -6,10 +6,11 @@ Every wrapper raises OSError with the real errno, so callers see the kernel's re
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter is linked with (ctypes.util.find_library would import
+# subprocess and shutil into every process that clones containers).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000

@@ -327,14 +327,6 @@ def _finish(job: RunningJob) -> Result:
     )
 
 
-def internal_error_result(message: str) -> Result:
-    """The Result of a job that could not be started: nothing ran, nothing was measured."""
-    return Result(status="internal_error", exit_code=None, signal=None, cpu_time_ms=0.0, cpu_user_ms=0.0,
-                  cpu_sys_ms=0.0, wall_time_ms=0.0, memory_peak_bytes=0, pids_peak=0, oom_killed=False,
-                  limit_hit=None, stdout=b"", stderr=b"", stdout_truncated=False, stderr_truncated=False,
-                  accounting_source={}, message=message)
-
-
 def _accounting_source(stats: CgroupStats | None) -> dict[str, str]:
     source = {"wall_time_ms": _WALL_CLOCK_SOURCE}
     if stats is not None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 from sandboxd.runtime.libc import PR_SET_NO_NEW_PRIVS, clear_capabilities, drop_bounding_set, prctl
@@ -76,6 +74,8 @@ def choose_id_mapping(job_uid: int, job_gid: int) -> IdMapping:
             setup_uid=0,
             setup_gid=0,
         )
+    import shutil  # imported on use: the zygote, which never calls this, stays small
+
     user = pwd.getpwuid(uid).pw_name
     subuid = _subordinate_range("/etc/subuid", user, uid)
     subgid = _subordinate_range("/etc/subgid", user, uid)
@@ -111,6 +111,8 @@ def _write_proc_file(pid: int, name: str, data: bytes) -> None:
 def write_id_maps(pid: int, mapping: IdMapping) -> None:
     """From the parent, after the child entered its new user namespace."""
     if mapping.scheme == "subuid":
+        import subprocess  # imported on use: only this scheme needs a helper process
+
         helpers = []
         for tool, ranges in (("newuidmap", mapping.uid_ranges), ("newgidmap", mapping.gid_ranges)):
             argv = [tool, str(pid)]

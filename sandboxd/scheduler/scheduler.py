@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from sandboxd.job import JobSpec, Result, new_job_id
+from sandboxd.job import JobSpec, Result, internal_error_result, new_job_id
 from sandboxd.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobRecord, JobRequest
 from sandboxd.metrics import ServiceMetrics
 from sandboxd.scheduler.queue import FairQueue
@@ -55,13 +55,6 @@ class _Active:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
     stop_requested: bool = False
-
-
-def _internal_result(message: str) -> Result:
-    return Result(status="internal_error", exit_code=None, signal=None, cpu_time_ms=0.0, cpu_user_ms=0.0,
-                  cpu_sys_ms=0.0, wall_time_ms=0.0, memory_peak_bytes=0, pids_peak=0, oom_killed=False,
-                  limit_hit=None, stdout=b"", stderr=b"", stdout_truncated=False, stderr_truncated=False,
-                  accounting_source={}, message=message)
 
 
 def _seconds_to_next_utc_day() -> int:
@@ -243,7 +236,7 @@ class Scheduler:
         try:
             await self._writer.run(lambda c: mark_running(c, record.id, record.started_at or utc_now()))
         except Exception as error:  # noqa: BLE001 - the job must end, not vanish
-            self._finish(active, DONE, _internal_result(f"cannot record the job as running: {error}"))
+            self._finish(active, DONE, internal_error_result(f"cannot record the job as running: {error}"))
             return
         await self._execute(active)
 
@@ -258,12 +251,12 @@ class Scheduler:
             # so a later kill() always follows it.
             result = await self._runner.run(active.request.spec(record.id))
         except asyncio.CancelledError:
-            self._finish(active, DONE, _internal_result(STOPPED_MESSAGE))
+            self._finish(active, DONE, internal_error_result(STOPPED_MESSAGE))
             raise
         except Exception as error:  # noqa: BLE001
-            result = _internal_result(f"the runtime failed: {error}")
+            result = internal_error_result(f"the runtime failed: {error}")
         if active.stop_requested and not active.cancel_requested:
-            result = _internal_result(STOPPED_MESSAGE) if result.status == "signaled" else result
+            result = internal_error_result(STOPPED_MESSAGE) if result.status == "signaled" else result
         self._finish(active, CANCELLED if active.cancel_requested else DONE, result)
 
     def _finish(self, active: _Active, state: str, result: Result | None) -> None:
