@@ -42,6 +42,7 @@ from sandboxd.state import default_state_dir
 SHM_MAX_BYTES = 64 << 20
 IMAGE_RECHECK_S = 1.0
 POOL_FAILURE_PAUSE_S = 1.0
+PLAN_CACHE_SIZE = 64
 DEFAULT_IMAGE = "host"
 
 
@@ -131,6 +132,7 @@ class Runtime:
         self.cgroups.io_devices = block_devices(["/", "/usr", str(self.state_dir)])
         self._loopback_request = loopback_request or loopback_up_request()
         self._images: dict[str, tuple[float, Image]] = {}
+        self._plans: dict[tuple[str, int, str], tuple[float, ContainerPlan]] = {}
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()
         self._janitor = Janitor()
@@ -173,6 +175,18 @@ class Runtime:
         return cached[1]
 
     def _container_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
+        """The plan for a container of this shape, rebuilt as often as its image is checked
+        (choosing the id mapping reads /etc/subuid)."""
+        key = (image_name, writable_layer_bytes, hostname)
+        now = time.monotonic()
+        cached = self._plans.get(key)
+        if cached is None or now - cached[0] > IMAGE_RECHECK_S:
+            if len(self._plans) >= PLAN_CACHE_SIZE:  # jobs choose disk sizes and hostnames
+                self._plans.clear()
+            cached = self._plans[key] = (now, self._new_plan(image_name, writable_layer_bytes, hostname))
+        return cached[1]
+
+    def _new_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
         image = self._image(image_name)
         return ContainerPlan(
             rootfs=RootfsPlan(

@@ -96,9 +96,7 @@ class _Server:
         self._send(("done", token, result))
 
     def _send(self, message: tuple) -> None:
-        self._sock.setblocking(True)
         self._sock.sendall(_frame(message))
-        self._sock.setblocking(False)
 
 
 def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgroup_base: str,
@@ -122,8 +120,8 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
     # What exists now lives as long as we do: out of the collector's reach, its objects are
     # never written to by a collection in a cloned container (copy-on-write stays shared).
     gc.freeze()
+    # The socket stays blocking: it is read only when the loop saw it readable.
     sock.sendall(_frame(("ready",)))
-    sock.setblocking(False)
     server = _Server(sock, runtime)
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
     try:

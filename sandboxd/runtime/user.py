@@ -11,6 +11,7 @@ In every scheme the job is a non-root uid inside the container with no capabilit
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def choose_id_mapping(job_uid: int, job_gid: int) -> IdMapping:
     )
 
 
+@functools.lru_cache(maxsize=16)  # the same few maps, for every container
 def _map_text(ranges: tuple[IdRange, ...]) -> bytes:
     return "".join(f"{r.inside} {r.outside} {r.count}\n" for r in ranges).encode()
 

@@ -9,7 +9,8 @@ the launcher had cloned it: the launcher reaps it, and it dies with the launcher
 
 Messages are one pickle per SOCK_SEQPACKET datagram, between the launcher and the zygote it
 started itself:
-  to the zygote:   (CgroupDriver,) once, then (job_id, ContainerPlan, Limits) per container
+  to the zygote:   (CgroupDriver,) once, then (job_id, pickled (ContainerPlan, Limits)) per
+                   container; the plan stays pickled so both sides reuse it by its bytes
   from the zygote: (job_id, pid, None) with [report_read, control] attached; or
                    (job_id, pid or 0, message) when cloning or mapping its ids failed
 """
@@ -34,6 +35,7 @@ from sandboxd.runtime.user import write_id_maps
 
 _MAX_MESSAGE_BYTES = 1 << 20
 _REPLY_FDS = 2  # report_read, control
+_PLAN_CACHE_SIZE = 64  # containers come in few shapes: the pool's, and a few jobs' own
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,17 @@ def _serve(sock: socket.socket) -> None:
     # What exists now lives as long as we do: out of the collector's reach, so a collection
     # in a container never writes to (and copies) the pages it shares with us.
     gc.freeze()
+    plans: dict[bytes, tuple[ContainerPlan, Limits]] = {}
     while True:
         request = sock.recv(_MAX_MESSAGE_BYTES)
         if not request:
             return
-        job_id, plan, limits = pickle.loads(request)
+        job_id, pickled_plan = pickle.loads(request)
+        if pickled_plan not in plans:
+            if len(plans) >= _PLAN_CACHE_SIZE:
+                plans.clear()
+            plans[pickled_plan] = pickle.loads(pickled_plan)
+        plan, limits = plans[pickled_plan]
         try:
             cloned = clone_container(plan, job_id, limits, cgroups, libc.CLONE_PARENT)
         except Exception as error:  # noqa: BLE001 - the launcher must hear of every failure
@@ -131,6 +139,7 @@ class ZygoteClient:
         self._sock = ours
         self._on_cloned = on_cloned
         self.requested = 0  # replies still to come
+        self._pickled_plans: dict[tuple[ContainerPlan, Limits], bytes] = {}
         self._process: Any = subprocess.Popen(
             [sys.executable, "-m", "sandboxd.runtime.zygote", "--fd", str(theirs.fileno()),
              "--parent", str(os.getpid())],
@@ -146,7 +155,13 @@ class ZygoteClient:
         self._sock.sendall(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     def request(self, job_id: str, plan: ContainerPlan, limits: Limits) -> None:
-        self._send((job_id, plan, limits))
+        key = (plan, limits)
+        pickled_plan = self._pickled_plans.get(key)
+        if pickled_plan is None:
+            if len(self._pickled_plans) >= _PLAN_CACHE_SIZE:
+                self._pickled_plans.clear()
+            pickled_plan = self._pickled_plans[key] = pickle.dumps(key, protocol=pickle.HIGHEST_PROTOCOL)
+        self._send((job_id, pickled_plan))
         self.requested += 1
 
     def on_readable(self) -> None:
