@@ -4,9 +4,10 @@ Two phases, so a container can be prepared before its job exists (a warm contain
 1. prepare, every privileged step: create and join the job's cgroup; once the parent has
    written the id maps, create the other namespaces (cgroup, mount, network, IPC, UTS), build the
    filesystem (OverlayFS, /proc, /dev) and pivot_root, bring up loopback, set the hostname;
-   then become the job's user: no capabilities, no_new_privs.
+   then become the job's user: no capabilities, no_new_privs; and load the seccomp filter,
+   so nothing that follows may do what the job may not (and the order's path is shorter).
 2. take the job's order from the parent (argv, env, files, rlimits, stdio fds), write the
-   input files as the job's user, take its rlimits, load seccomp last, and spawn the job.
+   input files as the job's user, take its rlimits, and spawn the job.
 This process stays behind as the job's PID 1, having taken on the job's whole context
 before a vfork-style spawn; nothing of the order can reach a privileged step.
 The order follows runc, crun and bubblewrap.
@@ -55,6 +56,7 @@ class ContainerPlan:
     hostname: str
     loopback_request: bytes
     last_capability: int
+    seccomp_bpf: bytes  # the job's compiled policy, loaded at the end of the set-up
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,6 @@ class JobOrder:
     env: dict[str, str]
     files: tuple[InputFile, ...]
     rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
-    seccomp_bpf: bytes  # the compiled policy, installed last
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,11 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTER
 
 
 def _take_job_limits(order: JobOrder) -> None:
-    """What the job inherits from this process (already its uid, with no capabilities):
-    rlimits, then seccomp, last. The job then needs only a vfork-style spawn, with no
-    Python between fork and exec."""
+    """What the job inherits from this process (already its uid, with no capabilities and
+    under its seccomp filter): its rlimits. The job then needs only a vfork-style spawn,
+    with no Python between fork and exec."""
     for limit, soft, hard in order.rlimits:
         resource.setrlimit(limit, (soft, hard))
-    libc.seccomp_set_filter(order.seccomp_bpf)
 
 
 def _spawn_job(order: JobOrder, stdio: tuple[int, int, int]) -> int:
@@ -168,6 +168,9 @@ def _prepare(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]
     become_job_user(plan.id_mapping, plan.rootfs.job_uid, plan.rootfs.job_gid, plan.last_capability)
     # A uid change resets dumpability; the job will share our uid and must not read our memory.
     libc.prctl(libc.PR_SET_DUMPABLE, 0)
+    # What remains (the order, input files, rlimits, the spawn, reaping) is what any job may
+    # do. Loaded here, the kernel's check and JIT of the filter happen before the order.
+    libc.seccomp_set_filter(plan.seccomp_bpf)
 
 
 def container_main(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]) -> NoReturn:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from sandboxd.images import Image, resolve_image
 from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, internal_error_result, new_job_id
@@ -44,6 +44,16 @@ IMAGE_RECHECK_S = 1.0
 POOL_FAILURE_PAUSE_S = 1.0
 PLAN_CACHE_SIZE = 64
 DEFAULT_IMAGE = "host"
+DEFAULT_POLICY = "default"
+
+
+class Shape(NamedTuple):
+    """What a container is made for before its job is known; a job takes one of its shape."""
+
+    image: str
+    hostname: str
+    disk_bytes: int
+    seccomp_policy: str
 
 
 @dataclass(eq=False)
@@ -63,7 +73,7 @@ class _Container:
 
     job_id: str  # names its cgroup, which the container creates itself
     limits: Limits  # the caps its cgroup was created with
-    shape: tuple[str, str, int]  # image, hostname, disk size
+    shape: Shape
     pooled: bool  # made ahead for any job of its shape, not for one job
     waiting: _Waiting | None = None
     state: str = "cloning"
@@ -132,7 +142,7 @@ class Runtime:
         self.cgroups.io_devices = block_devices(["/", "/usr", str(self.state_dir)])
         self._loopback_request = loopback_request or loopback_up_request()
         self._images: dict[str, tuple[float, Image]] = {}
-        self._plans: dict[tuple[str, int, str], tuple[float, ContainerPlan]] = {}
+        self._plans: dict[Shape, tuple[float, ContainerPlan]] = {}
         self._last_capability = libc.last_capability()
         self._supervisor = Supervisor()
         self._janitor = Janitor()
@@ -174,34 +184,34 @@ class Runtime:
             cached = self._images[name] = (now, resolve_image(name, self.state_dir))
         return cached[1]
 
-    def _container_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
+    def _container_plan(self, shape: Shape) -> ContainerPlan:
         """The plan for a container of this shape, rebuilt as often as its image is checked
         (choosing the id mapping reads /etc/subuid)."""
-        key = (image_name, writable_layer_bytes, hostname)
         now = time.monotonic()
-        cached = self._plans.get(key)
+        cached = self._plans.get(shape)
         if cached is None or now - cached[0] > IMAGE_RECHECK_S:
             if len(self._plans) >= PLAN_CACHE_SIZE:  # jobs choose disk sizes and hostnames
                 self._plans.clear()
-            cached = self._plans[key] = (now, self._new_plan(image_name, writable_layer_bytes, hostname))
+            cached = self._plans[shape] = (now, self._new_plan(shape))
         return cached[1]
 
-    def _new_plan(self, image_name: str, writable_layer_bytes: int, hostname: str) -> ContainerPlan:
-        image = self._image(image_name)
+    def _new_plan(self, shape: Shape) -> ContainerPlan:
+        image = self._image(shape.image)
         return ContainerPlan(
             rootfs=RootfsPlan(
                 scratch_dir=str(self._scratch_dir),
                 image_mounts=image.mounts,
-                writable_layer_bytes=writable_layer_bytes,
-                shm_bytes=min(writable_layer_bytes, SHM_MAX_BYTES),
+                writable_layer_bytes=shape.disk_bytes,
+                shm_bytes=min(shape.disk_bytes, SHM_MAX_BYTES),
                 workdir=WORKDIR,
                 job_uid=image.uid,
                 job_gid=image.gid,
             ),
             id_mapping=choose_id_mapping(image.uid, image.gid),
-            hostname=hostname,
+            hostname=shape.hostname,
             loopback_request=self._loopback_request,
             last_capability=self._last_capability,
+            seccomp_bpf=compiled_filter(shape.seccomp_policy).bpf,
         )
 
     def _job_order(self, spec: JobSpec) -> JobOrder:
@@ -213,15 +223,13 @@ class Runtime:
             env=env,
             files=spec.files,
             rlimits=_rlimits(spec.limits),
-            seccomp_bpf=compiled_filter(spec.seccomp_policy).bpf,
         )
 
     # A container's life before its job: _new_container, _on_cloned, _on_control, _settled.
 
-    def _new_container(self, shape: tuple[str, str, int], job_id: str, limits: Limits,
+    def _new_container(self, shape: Shape, job_id: str, limits: Limits,
                        waiting: _Waiting | None) -> _Container:
-        image, hostname, disk_bytes = shape
-        plan = self._container_plan(image, disk_bytes, hostname)
+        plan = self._container_plan(shape)
         container = _Container(job_id, limits, shape, pooled=waiting is None, waiting=waiting)
         if waiting is None:
             self._pool.append(container)
@@ -312,7 +320,7 @@ class Runtime:
 
     # A job's start: _place it on a container, _dispatch it once the container is ready.
 
-    def _take_from_pool(self, shape: tuple[str, str, int]) -> _Container | None:
+    def _take_from_pool(self, shape: Shape) -> _Container | None:
         fitting = [c for c in self._pool if c.shape == shape and c.state != "failed"]
         if not fitting:
             return None
@@ -322,7 +330,7 @@ class Runtime:
 
     def _place(self, waiting: _Waiting) -> None:
         spec = waiting.spec
-        shape = (spec.image, spec.hostname, spec.limits.disk_bytes)
+        shape = Shape(spec.image, spec.hostname, spec.limits.disk_bytes, spec.seccomp_policy)
         container = self._take_from_pool(shape)
         if container is None:
             self._new_container(shape, spec.job_id, spec.limits, waiting)
@@ -415,8 +423,8 @@ class Runtime:
             self._supervisor.kill(container.pid, waiting.killed_for)
 
     @staticmethod
-    def _warm_shape() -> tuple[str, str, int]:
-        return DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes
+    def _warm_shape() -> Shape:
+        return Shape(DEFAULT_IMAGE, DEFAULT_HOSTNAME, default_limit_policy().defaults.disk_bytes, DEFAULT_POLICY)
 
     @property
     def warm_deficit(self) -> int:
