@@ -53,8 +53,14 @@ class _Active:
     request: JobRequest
     tenant: Tenant
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: list[asyncio.Future] = field(default_factory=list)  # wait()s, woken by _finish
     cancel_requested: bool = False
     stop_requested: bool = False
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _seconds_to_next_utc_day() -> int:
@@ -277,11 +283,18 @@ class Scheduler:
         self._log.info("job.finished", job_id=record.id, tenant=record.tenant, state=state,
                        status=result.status if result else None,
                        cpu_time_ms=result.cpu_time_ms if result else None)
+        for waiter in active.waiters:
+            _wake(waiter)
+        active.done.set()
+        # After the answers of the waiters woken above: waking the writer thread then takes
+        # no one's answer's time.
+        asyncio.get_running_loop().call_soon(self._store_final, final)
+        self._pump()
+
+    def _store_final(self, final: JobRecord) -> None:
         write = asyncio.wrap_future(self._writer.submit(lambda c: finish_job(c, final)))
         self._writes.add(write)
-        write.add_done_callback(lambda future, job_id=record.id: self._persisted(job_id, future))
-        active.done.set()
-        self._pump()
+        write.add_done_callback(lambda future, job_id=final.id: self._persisted(job_id, future))
 
     def _persisted(self, job_id: str, future: asyncio.Future) -> None:
         self._writes.discard(future)
@@ -298,10 +311,17 @@ class Scheduler:
         active = self._active.get(job_id)
         if active is None:
             return self.live(job_id)
+        # A future of its own, woken straight by _finish(): one turn of the loop, not several.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        active.waiters.append(waiter)
+        timer = loop.call_later(timeout_s, _wake, waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(active.done.wait()), timeout_s)
-        except asyncio.TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in active.waiters:
+                active.waiters.remove(waiter)
         return active.record  # final once done: _finish() leaves it here
 
     async def cancel(self, job_id: str) -> JobRecord | None:
