@@ -231,14 +231,14 @@ class Runtime:
                        waiting: _Waiting | None) -> _Container:
         plan = self._container_plan(shape)
         container = _Container(job_id, limits, shape, pooled=waiting is None, waiting=waiting)
+        if self._zygote is not None:
+            self._zygote.request(job_id, plan, limits)  # if it fails, nothing is registered yet
+            self._cloning.append(container)
         if waiting is None:
             self._pool.append(container)
         else:
             self._starting[waiting.spec.job_id] = container
-        if self._zygote is not None:
-            self._zygote.request(job_id, plan, limits)
-            self._cloning.append(container)
-        else:
+        if self._zygote is None:
             self._took_clone(container, clone_container(plan, job_id, limits, self.cgroups))
         return container
 
