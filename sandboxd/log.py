@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -21,3 +24,9 @@ def configure_logging(level: str = "info") -> structlog.typing.FilteringBoundLog
         cache_logger_on_first_use=True,
     )
     return structlog.get_logger("sandboxd")
+
+
+def info_soon(log: Any, event: str, **fields: Any) -> None:
+    """Log on the event loop's next turn: what a request or job is waiting for (an answer, an
+    order to the launcher) goes out before the line is rendered and written."""
+    asyncio.get_running_loop().call_soon(functools.partial(log.info, event, **fields))

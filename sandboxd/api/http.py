@@ -16,6 +16,7 @@ from sandboxd.api.openapi import openapi_document
 from sandboxd.api.requests import parse_batch, parse_job
 from sandboxd.jobs import FINAL_STATES, STATES, JobRecord, limits_to_public
 from sandboxd.limits import LimitPolicy
+from sandboxd.log import info_soon
 from sandboxd.metrics import ServiceMetrics
 from sandboxd.scheduler.scheduler import QuotaError, Scheduler
 from sandboxd.store.db import Reader
@@ -169,7 +170,7 @@ class Api:
             response = ApiError(500, "internal_error", f"internal error: {type(error).__name__}").response()
         elapsed = time.monotonic() - started
         self.c.metrics.request_duration.observe(elapsed, request.method, route, str(response.status))
-        self.c.log.info("request", method=request.method, path=request.path, status=response.status,
+        info_soon(self.c.log, "request", method=request.method, path=request.path, status=response.status,
                         tenant=tenant_name, duration_ms=round(elapsed * 1000, 3))
         return response
 

@@ -440,13 +440,13 @@ class Runtime:
         for _ in range(wanted):
             self._new_container(self._warm_shape(), new_job_id(), defaults, None)
 
-    def start(self, spec: JobSpec, on_done: Callable[[Result], None], refill: bool = True) -> None:
+    def start(self, spec: JobSpec, on_done: Callable[[Result], None]) -> None:
         """Launch the job: at once on a ready container, else as soon as one is; on_done gets
-        its Result from a later step(). Raises UnknownImageError for an unknown image.
-        refill=False leaves refilling the pool to the caller."""
+        its Result from a later step(). Raises UnknownImageError for an unknown image. Then
+        refill the pool: its containers prepare while the job runs, not after it, when its
+        result and the next request are on their way."""
         self._place(_Waiting(spec, self._job_order(spec), on_done))
-        if refill:
-            self.prewarm()
+        self.prewarm()
 
     def kill(self, job_id: str, reason: str) -> None:
         """Kill a job, started or still waiting for its container; its Result still comes."""

@@ -73,7 +73,7 @@ class _Server:
             _, token, spec = message
             self._jobs[token] = spec.job_id
             try:
-                self._runtime.start(spec, lambda result, token=token: self._done(token, result), refill=False)
+                self._runtime.start(spec, lambda result, token=token: self._done(token, result))
             except UnknownImageError as error:
                 self._jobs.pop(token, None)
                 self._send(("error", token, "usage", str(error.args[0])))
@@ -126,8 +126,8 @@ def serve(sock: socket.socket, state_dir: Path | None, warm_containers: int, cgr
     runtime.supervisor.register_fd(sock.fileno(), server.on_readable)
     try:
         while server.open or runtime.active:
-            # The pool is refilled only while no job runs and nothing waits: a container
-            # preparing itself would otherwise take a core from a job or its result.
+            # start() refills the pool once a job's order is out; this catches up on what it
+            # could not (a pause after a failure, the first fill) while nothing runs.
             idle_refill = server.open and runtime.warm_deficit > 0 and runtime.running == 0
             handled = runtime.supervisor.step(0 if idle_refill else (None if server.open else 1.0))
             if idle_refill and handled == 0:

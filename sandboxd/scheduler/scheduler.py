@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from sandboxd.job import JobSpec, Result, internal_error_result, new_job_id
 from sandboxd.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobRecord, JobRequest
+from sandboxd.log import info_soon
 from sandboxd.metrics import ServiceMetrics
 from sandboxd.scheduler.queue import FairQueue
 from sandboxd.store.db import Reader, Writer, utc_now
@@ -198,7 +199,7 @@ class Scheduler:
                 self._runner.kill(active.record.id)
             raise
         for active in accepted:
-            self._log.info("job.accepted", job_id=active.record.id, tenant=tenant.name, state=active.record.state)
+            info_soon(self._log, "job.accepted", job_id=active.record.id, tenant=tenant.name, state=active.record.state)
             if active.record.state == QUEUED:
                 self._active[active.record.id] = active
                 self._queue.push(tenant.name, active.record.id)
@@ -248,7 +249,7 @@ class Scheduler:
 
     async def _execute(self, active: _Active) -> None:
         record = active.record
-        self._log.info("job.running", job_id=record.id, tenant=record.tenant)
+        info_soon(self._log, "job.running", job_id=record.id, tenant=record.tenant)
         if active.cancel_requested:
             self._finish(active, CANCELLED, None)
             return
@@ -280,7 +281,7 @@ class Scheduler:
                 self._cpu_seconds_today.get(record.tenant, 0.0) + result.cpu_time_ms / 1000)
             self._metrics.job_duration.observe(result.wall_time_ms / 1000)
         self._metrics.jobs_finished.inc(CANCELLED if state == CANCELLED else (result.status if result else DONE))
-        self._log.info("job.finished", job_id=record.id, tenant=record.tenant, state=state,
+        info_soon(self._log, "job.finished", job_id=record.id, tenant=record.tenant, state=state,
                        status=result.status if result else None,
                        cpu_time_ms=result.cpu_time_ms if result else None)
         for waiter in active.waiters:
