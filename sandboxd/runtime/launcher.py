@@ -151,7 +151,8 @@ class LauncherClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._futures: dict[int, asyncio.Future] = {}
-        self._tokens: dict[str, int] = {}  # job id -> token, while the job runs
+        self._tokens: dict[str, int] = {}  # job id -> token, until the launcher has answered
+        self._job_ids: dict[int, str] = {}  # token -> job id, likewise
         self._next_token = 0
 
     async def start(self) -> None:
@@ -183,6 +184,7 @@ class LauncherClient:
             while True:
                 header = await reader.readexactly(_FRAME.size)
                 message = pickle.loads(await reader.readexactly(_FRAME.unpack(header)[0]))
+                self._tokens.pop(self._job_ids.pop(message[1], ""), None)
                 future = self._futures.pop(message[1], None)
                 if future is None or future.done():
                     continue
@@ -195,22 +197,30 @@ class LauncherClient:
                 if not future.done():
                     future.set_exception(LauncherError("internal", "the launcher process exited"))
             self._futures.clear()
+            self._tokens.clear()
+            self._job_ids.clear()
 
-    async def run(self, spec: JobSpec) -> Result:
+    def launch(self, spec: JobSpec) -> asyncio.Future:
+        """Send the job to the launcher now; the future gets its Result (or LauncherError).
+        Cancelling the future does not stop the job: kill() does."""
         assert self._writer is not None, "start() first"
         token = self._next_token
         self._next_token += 1
         future = asyncio.get_running_loop().create_future()
         self._futures[token] = future
         self._tokens[spec.job_id] = token
+        self._job_ids[token] = spec.job_id
         self._writer.write(_frame(("run", token, spec)))
+        return future
+
+    async def run(self, spec: JobSpec) -> Result:
+        """launch() and wait; cancelled, it kills the job."""
+        future = self.launch(spec)
         try:
             return await future
         except asyncio.CancelledError:
-            self._writer.write(_frame(("kill", token)))
+            self.kill(spec.job_id)
             raise
-        finally:
-            self._tokens.pop(spec.job_id, None)
 
     def kill(self, job_id: str) -> None:
         """Kill a running job; its run() still returns the result (the job killed)."""

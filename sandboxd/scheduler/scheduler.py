@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Awaitable, Protocol
 
 from sandboxd.job import JobSpec, Result, internal_error_result, new_job_id
 from sandboxd.jobs import CANCELLED, DONE, QUEUED, RUNNING, JobRecord, JobRequest
@@ -29,7 +29,7 @@ STOPPED_MESSAGE = "the service stopped before the job finished"
 
 
 class Runner(Protocol):
-    async def run(self, spec: JobSpec) -> Result: ...
+    def launch(self, spec: JobSpec) -> Awaitable[Result]: ...
 
     def kill(self, job_id: str) -> None: ...
 
@@ -55,6 +55,7 @@ class _Active:
     tenant: Tenant
     done: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: list[asyncio.Future] = field(default_factory=list)  # wait()s, woken by _finish
+    launched: Awaitable[Result] | None = None  # sent to the runner while its row commits
     cancel_requested: bool = False
     stop_requested: bool = False
 
@@ -183,14 +184,17 @@ class Scheduler:
                 self._reserve(tenant.name)
                 starting.append(active)
             accepted.append(active)
-        inserted = asyncio.wrap_future(
-            self._writer.submit(lambda c: insert_jobs(c, [(a.record, a.request) for a in accepted])))
-        # Jobs that start now start while their row commits: the answer (201) still waits for
-        # the commit, and the writer commits the row before any later write of the same job.
-        # A crash before the commit loses only a job nobody was told was accepted.
+        # Jobs that start now go to the runner before their row is even queued (the writer
+        # thread would otherwise take the GIL on their way) and run while it commits: the
+        # answer (201) still waits for the commit, and the writer commits the row before any
+        # later write of the same job. A crash before the commit loses only a job nobody was
+        # told was accepted.
         for active in starting:
             self._active[active.record.id] = active
+            active.launched = self._runner.launch(active.request.spec(active.record.id))
             self._spawn(self._execute(active))
+        inserted = asyncio.wrap_future(
+            self._writer.submit(lambda c: insert_jobs(c, [(a.record, a.request) for a in accepted])))
         try:
             await inserted
         except BaseException:
@@ -250,14 +254,15 @@ class Scheduler:
     async def _execute(self, active: _Active) -> None:
         record = active.record
         info_soon(self._log, "job.running", job_id=record.id, tenant=record.tenant)
-        if active.cancel_requested:
+        if active.cancel_requested and active.launched is None:
             self._finish(active, CANCELLED, None)
             return
         try:
-            # No await between the check above and this call: run() sends the order at once,
-            # so a later kill() always follows it.
-            result = await self._runner.run(active.request.spec(record.id))
+            # No await between the check above and this call: launch() sends the order at
+            # once, so a later kill() always follows it.
+            result = await (active.launched or self._runner.launch(active.request.spec(record.id)))
         except asyncio.CancelledError:
+            self._runner.kill(record.id)
             self._finish(active, DONE, internal_error_result(STOPPED_MESSAGE))
             raise
         except Exception as error:  # noqa: BLE001
