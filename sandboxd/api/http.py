@@ -171,7 +171,7 @@ class Api:
         elapsed = time.monotonic() - started
         self.c.metrics.request_duration.observe(elapsed, request.method, route, str(response.status))
         info_soon(self.c.log, "request", method=request.method, path=request.path, status=response.status,
-                        tenant=tenant_name, duration_ms=round(elapsed * 1000, 3))
+                  tenant=tenant_name, duration_ms=round(elapsed * 1000, 3))
         return response
 
     # --- helpers ---------------------------------------------------------------------------

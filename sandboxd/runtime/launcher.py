@@ -207,6 +207,9 @@ class LauncherClient:
         token = self._next_token
         self._next_token += 1
         future = asyncio.get_running_loop().create_future()
+        if self._reader_task is not None and self._reader_task.done():
+            future.set_exception(LauncherError("internal", "the launcher process exited"))
+            return future
         self._futures[token] = future
         self._tokens[spec.job_id] = token
         self._job_ids[token] = spec.job_id

@@ -203,7 +203,8 @@ class Scheduler:
                 self._runner.kill(active.record.id)
             raise
         for active in accepted:
-            info_soon(self._log, "job.accepted", job_id=active.record.id, tenant=tenant.name, state=active.record.state)
+            info_soon(self._log, "job.accepted", job_id=active.record.id, tenant=tenant.name,
+                      state=active.record.state)
             if active.record.state == QUEUED:
                 self._active[active.record.id] = active
                 self._queue.push(tenant.name, active.record.id)
@@ -287,8 +288,7 @@ class Scheduler:
             self._metrics.job_duration.observe(result.wall_time_ms / 1000)
         self._metrics.jobs_finished.inc(CANCELLED if state == CANCELLED else (result.status if result else DONE))
         info_soon(self._log, "job.finished", job_id=record.id, tenant=record.tenant, state=state,
-                       status=result.status if result else None,
-                       cpu_time_ms=result.cpu_time_ms if result else None)
+                  status=result.status if result else None, cpu_time_ms=result.cpu_time_ms if result else None)
         for waiter in active.waiters:
             _wake(waiter)
         active.done.set()
