@@ -233,8 +233,11 @@ class LauncherClient:
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.write(_frame(("close",)))
-            await self._writer.drain()
+            try:
+                self._writer.write(_frame(("close",)))
+                await self._writer.drain()
+            except ConnectionError:
+                pass  # the launcher is gone already
             self._writer.close()
         if self._process is not None:
             await asyncio.to_thread(self._process.wait)

@@ -78,3 +78,20 @@ def test_unknown_image_is_a_usage_error(state_dir):
 
     error = run(scenario())
     assert error.kind == "usage" and "no-such-image" in str(error)
+
+
+def test_jobs_sent_after_the_launcher_died_fail_at_once(state_dir):
+    async def scenario():
+        client = LauncherClient(state_dir=state_dir, warm_containers=0)
+        await client.start()
+        try:
+            client._process.kill()
+            await asyncio.wait_for(client._reader_task, 30)  # it has seen the launcher go
+            with pytest.raises(LauncherError) as raised:
+                await asyncio.wait_for(client.run(job(["true"])), 10)  # not a hang
+        finally:
+            await client.close()
+        return raised.value
+
+    error = run(scenario())
+    assert error.kind == "internal" and "exited" in str(error)
