@@ -1,7 +1,8 @@
 """Seccomp policies: Docker-format JSON in policies/, compiled once with libseccomp, installed per job.
 
 The service compiles a policy to classic BPF once per process (about 10 ms with parsing); a job's
-child installs the ready bytes with a single seccomp() system call (about 0.2 ms) right before execve.
+container loads the ready bytes with a single seccomp() system call (about 0.2 ms) at the end of its
+set-up, once it is the job's user without capabilities, before the job's order arrives.
 
 Policy file format: Docker's seccomp profile (defaultAction, defaultErrnoRet, architectures,
 syscalls[{names, action, args[{index, value, valueTwo, op}], errnoRet, comment}]), strictly
