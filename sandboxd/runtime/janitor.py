@@ -15,11 +15,13 @@ from typing import NoReturn
 
 from sandboxd.runtime import libc
 from sandboxd.runtime.cgroup import CgroupError, kill_cgroup_processes, rmdir_cgroup
+from sandboxd.runtime.priority import run_in_background
 
 
 def _serve(requests_fd: int, acks_fd: int) -> NoReturn:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     libc.set_process_name("sbx-janitor")
+    run_in_background()  # no job waits for a removal
     with os.fdopen(requests_fd, "r") as requests:
         for line in requests:
             for directory in json.loads(line):

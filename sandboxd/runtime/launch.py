@@ -33,6 +33,7 @@ from sandboxd.runtime.container import READY, ContainerPlan, JobOrder, send_orde
 from sandboxd.runtime.janitor import Janitor
 from sandboxd.runtime.mnt import RootfsPlan
 from sandboxd.runtime.net import loopback_up_request
+from sandboxd.runtime.priority import can_raise_priority, run_in_foreground
 from sandboxd.runtime.seccomp import compiled_filter
 from sandboxd.runtime.supervisor import OutputStream, RunningJob, Supervisor, cpu_parallelism
 from sandboxd.runtime.user import choose_id_mapping
@@ -83,6 +84,7 @@ class _Container:
     control: socket.socket | None = None
     report_fd: int = -1
     cgroup: JobCgroup | None = None
+    background: bool = False  # prepares under SCHED_IDLE until a job is given to it
 
 
 def _stdin_fd(data: bytes | None) -> int:
@@ -148,6 +150,7 @@ class Runtime:
         self._janitor = Janitor()
         self._warm_target = warm_containers
         self._pool: list[_Container] = []  # made ahead, no job yet
+        self._background_pool = zygote and can_raise_priority()
         self._refill_after = 0.0  # monotonic time
         self._starting: dict[str, _Container] = {}  # job id -> the container it waits for
         self._pids: dict[str, int] = {}  # job id -> its container's host pid, while it runs
@@ -230,9 +233,11 @@ class Runtime:
     def _new_container(self, shape: Shape, job_id: str, limits: Limits,
                        waiting: _Waiting | None) -> _Container:
         plan = self._container_plan(shape)
-        container = _Container(job_id, limits, shape, pooled=waiting is None, waiting=waiting)
+        container = _Container(job_id, limits, shape, pooled=waiting is None, waiting=waiting,
+                               background=waiting is None and self._background_pool)
         if self._zygote is not None:
-            self._zygote.request(job_id, plan, limits)  # if it fails, nothing is registered yet
+            # If it fails, nothing is registered yet.
+            self._zygote.request(job_id, plan, limits, container.background)
             self._cloning.append(container)
         if waiting is None:
             self._pool.append(container)
@@ -251,6 +256,8 @@ class Runtime:
         container.pid = cloned.pid
         if cloned.pid:
             container.pidfd = os.pidfd_open(cloned.pid)
+            if container.waiting is not None:
+                self._to_foreground(container)
         if cloned.control is None:
             container.state, container.failure = "failed", cloned.error
             self._settled(container)
@@ -337,8 +344,17 @@ class Runtime:
             return
         container.waiting = waiting
         self._starting[spec.job_id] = container
+        self._to_foreground(container)
         if container.state == "ready":
             self._dispatch(container)
+
+    @staticmethod
+    def _to_foreground(container: _Container) -> None:
+        """A job is given to it: the rest of its set-up and the job run at normal priority.
+        (Still cloning, it is raised once cloned.)"""
+        if container.background and container.pid:
+            run_in_foreground(container.pid)
+            container.background = False
 
     def _dispatch(self, container: _Container) -> None:
         waiting = container.waiting

@@ -9,6 +9,8 @@ import signal
 import struct
 from typing import NoReturn
 
+from sandboxd.runtime.priority import run_in_background
+
 REPORT_STATUS = b"S"  # + the main process's wait status, packed "=i"
 REPORT_EXEC_FAILED = b"X"  # + "errno:message": the command could not be executed
 REPORT_SETUP_FAILED = b"E"  # + message: the runtime failed to build the container
@@ -29,4 +31,5 @@ def run_init(main_pid: int, report_fd: int) -> NoReturn:
             os._exit(0)
         if pid == main_pid:
             os.write(report_fd, REPORT_STATUS + struct.pack("=i", status))
+            run_in_background()  # the result is known: no one waits for our teardown
             os._exit(0)

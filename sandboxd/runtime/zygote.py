@@ -9,8 +9,9 @@ the launcher had cloned it: the launcher reaps it, and it dies with the launcher
 
 Messages are one pickle per SOCK_SEQPACKET datagram, between the launcher and the zygote it
 started itself:
-  to the zygote:   (CgroupDriver,) once, then (job_id, pickled (ContainerPlan, Limits)) per
-                   container; the plan stays pickled so both sides reuse it by its bytes
+  to the zygote:   (CgroupDriver,) once, then (job_id, pickled (ContainerPlan, Limits),
+                   background) per container; the plan stays pickled so both sides reuse it
+                   by its bytes; background: the container is born under SCHED_IDLE
   from the zygote: (job_id, pid, None) with [report_read, control] attached; or
                    (job_id, pid or 0, message) when cloning or mapping its ids failed
 """
@@ -31,6 +32,7 @@ from sandboxd.limits import Limits
 from sandboxd.runtime import libc
 from sandboxd.runtime.cgroup import CgroupDriver
 from sandboxd.runtime.container import CLONE_FLAGS, ChildFds, ContainerPlan, container_main
+from sandboxd.runtime.priority import run_in_background, run_in_foreground
 from sandboxd.runtime.user import write_id_maps
 
 _MAX_MESSAGE_BYTES = 1 << 20
@@ -102,16 +104,22 @@ def _serve(sock: socket.socket) -> None:
     # in a container never writes to (and copies) the pages it shares with us.
     gc.freeze()
     plans: dict[bytes, tuple[ContainerPlan, Limits]] = {}
+    in_background = False
     while True:
         request = sock.recv(_MAX_MESSAGE_BYTES)
         if not request:
             return
-        job_id, pickled_plan = pickle.loads(request)
+        job_id, pickled_plan, background = pickle.loads(request)
         if pickled_plan not in plans:
             if len(plans) >= _PLAN_CACHE_SIZE:
                 plans.clear()
             plans[pickled_plan] = pickle.loads(pickled_plan)
         plan, limits = plans[pickled_plan]
+        if background != in_background:
+            # A pool container is born under SCHED_IDLE (see priority.py), so it never
+            # preempts a job, and no one can raise it before it is lowered.
+            (run_in_background if background else run_in_foreground)(0)
+            in_background = background
         try:
             cloned = clone_container(plan, job_id, limits, cgroups, libc.CLONE_PARENT)
         except Exception as error:  # noqa: BLE001 - the launcher must hear of every failure
@@ -154,14 +162,14 @@ class ZygoteClient:
     def _send(self, message: Any) -> None:
         self._sock.sendall(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
-    def request(self, job_id: str, plan: ContainerPlan, limits: Limits) -> None:
+    def request(self, job_id: str, plan: ContainerPlan, limits: Limits, background: bool) -> None:
         key = (plan, limits)
         pickled_plan = self._pickled_plans.get(key)
         if pickled_plan is None:
             if len(self._pickled_plans) >= _PLAN_CACHE_SIZE:
                 self._pickled_plans.clear()
             pickled_plan = self._pickled_plans[key] = pickle.dumps(key, protocol=pickle.HIGHEST_PROTOCOL)
-        self._send((job_id, pickled_plan))
+        self._send((job_id, pickled_plan, background))
         self.requested += 1
 
     def on_readable(self) -> None:

@@ -287,13 +287,13 @@ class Scheduler:
                 self._cpu_seconds_today.get(record.tenant, 0.0) + result.cpu_time_ms / 1000)
             self._metrics.job_duration.observe(result.wall_time_ms / 1000)
         self._metrics.jobs_finished.inc(CANCELLED if state == CANCELLED else (result.status if result else DONE))
-        info_soon(self._log, "job.finished", job_id=record.id, tenant=record.tenant, state=state,
-                  status=result.status if result else None, cpu_time_ms=result.cpu_time_ms if result else None)
         for waiter in active.waiters:
             _wake(waiter)
         active.done.set()
-        # After the answers of the waiters woken above: waking the writer thread then takes
-        # no one's answer's time.
+        # After the answers of the waiters woken above: rendering the line and waking the
+        # writer thread then take no one's answer's time.
+        info_soon(self._log, "job.finished", job_id=record.id, tenant=record.tenant, state=state,
+                  status=result.status if result else None, cpu_time_ms=result.cpu_time_ms if result else None)
         asyncio.get_running_loop().call_soon(self._store_final, final)
         self._pump()
 
