@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from sandboxd.limits import LIMIT_NAMES, LimitError, default_limit_policy
+from sandboxd.image_cli import add_image_parser, run_image_command
 from sandboxd.usage_cli import add_usage_parser, run_usage_command
 
 EXIT_USAGE = 2
@@ -94,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--state-dir", type=Path, help="the service's state directory")
 
     add_usage_parser(commands, _Parser)
+    add_image_parser(commands, _Parser)
     return parser
 
 
@@ -296,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_tenant(args)
         if args.command == "usage":
             return run_usage_command(args)
+        if args.command == "image":
+            return run_image_command(args)
         return _cmd_setup(args)
     except UsageError as error:
         print(f"sandboxd: error: {error}", file=sys.stderr)

@@ -78,6 +78,11 @@ class JobSpec:
     job_id: str = field(default_factory=new_job_id)
     hostname: str = DEFAULT_HOSTNAME
     seccomp_policy: str = "default"
+    # Image builds only (no API or CLI job sets these): the step's working directory, a host
+    # directory that keeps the container's writable layer after it ends, and the host's
+    # network (a container of its own user namespace, without capabilities over it).
+    workdir: str = WORKDIR
+    upper_dir: str | None = None
     network: bool = False
 
     def __post_init__(self) -> None:
@@ -90,8 +95,9 @@ class JobSpec:
         for key, value in self.env:
             if not ENV_KEY_RE.match(key) or "\x00" in value:
                 raise SpecError(f"environment variable {key!r} has an invalid name or value")
-        if self.network:
-            raise SpecError("network access is not available for jobs yet")
+        for path in (self.workdir, self.upper_dir):
+            if path is not None and (not path.startswith("/") or "\x00" in path):
+                raise SpecError(f"{path!r} must be an absolute path")
 
 
 @dataclass(frozen=True)

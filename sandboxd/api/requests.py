@@ -132,6 +132,8 @@ def parse_job(body: Any, *, policy: LimitPolicy, tenant: Tenant, images: set[str
         image = _string(job.get("image", "host"), "image")
         if not IMAGE_NAME_RE.match(image):
             raise invalid("image", f"{image!r} is not a valid image name")
+        if image not in images and f"{image}:latest" in images:
+            image = f"{image}:latest"  # as the image's own listing names it
         if image not in images:
             raise invalid("image", f"unknown image {image!r} (available: {', '.join(sorted(images))})")
         return JobRequest(

@@ -8,7 +8,7 @@ layered images both resolve to this.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pathlib is not imported by the zygote, which needs ImageMount
     from pathlib import Path
@@ -37,9 +37,18 @@ class Image:
     gid: int = 1000
 
 
-def available_images(state_dir: Path) -> list[dict[str, str]]:
+BUILD_STEP_PREFIX = "@build/"  # + an image id: a build step's view, its own USER kept
+
+
+def available_images(state_dir: Path) -> list[dict[str, Any]]:
     """The images jobs may name, for listings and validation at the edge."""
-    return [{"name": "host", "description": "the host's /usr, read-only, with a minimal generated /etc"}]
+    from sandboxd.images.store import ImageStore
+
+    images = [{"name": "host", "description": "the host's /usr, read-only, with a minimal generated /etc"}]
+    for name, image_id, record in ImageStore(state_dir).list_images():
+        images.append({"name": name, "id": image_id, "base": record.base, "created": record.created,
+                       "layers": len(record.layers), "size_bytes": sum(layer.size_bytes for layer in record.layers)})
+    return images
 
 
 def resolve_image(name: str, state_dir: Path) -> Image:
@@ -47,4 +56,14 @@ def resolve_image(name: str, state_dir: Path) -> Image:
         from sandboxd.images.host import host_image
 
         return host_image(state_dir)
-    raise UnknownImageError(f"unknown image {name!r} (available: host)")
+    from sandboxd.images.store import ImageStore, ImageStoreError, runtime_image
+
+    store = ImageStore(state_dir)
+    try:
+        if name.startswith(BUILD_STEP_PREFIX):
+            image_id = name[len(BUILD_STEP_PREFIX):]
+            return runtime_image(name, store.record(image_id), store, state_dir, build_step=True)
+        _, record = store.resolve(name)
+    except ImageStoreError as error:
+        raise UnknownImageError(f"unknown image {name!r}: {error}") from None
+    return runtime_image(name, record, store, state_dir)

@@ -54,6 +54,7 @@ class ContainerPlan:
     rootfs: RootfsPlan  # its writable_layer_bytes is the job's disk limit
     id_mapping: IdMapping
     hostname: str
+    network: bool  # the host's network namespace (image builds that ask); else one of its own
     loopback_request: bytes
     last_capability: int
     seccomp_bpf: bytes  # the job's compiled policy, loaded at the end of the set-up
@@ -161,9 +162,10 @@ def _prepare(plan: ContainerPlan, fds: ChildFds, join_cgroup: Callable[[], None]
     libc.prctl(libc.PR_SET_DUMPABLE, 0)
     become_setup_identity(plan.id_mapping)
     # The job's cgroup, joined above, becomes the root of its view.
-    libc.unshare(UNSHARE_FLAGS | libc.CLONE_NEWCGROUP)
+    libc.unshare((UNSHARE_FLAGS & ~libc.CLONE_NEWNET if plan.network else UNSHARE_FLAGS) | libc.CLONE_NEWCGROUP)
     build_rootfs(plan.rootfs)
-    bring_up_loopback(plan.loopback_request)
+    if not plan.network:
+        bring_up_loopback(plan.loopback_request)
     libc.sethostname(plan.hostname)
     become_job_user(plan.id_mapping, plan.rootfs.job_uid, plan.rootfs.job_gid, plan.last_capability)
     # A uid change resets dumpability; the job will share our uid and must not read our memory.

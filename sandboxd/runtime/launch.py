@@ -55,6 +55,9 @@ class Shape(NamedTuple):
     hostname: str
     disk_bytes: int
     seccomp_policy: str
+    workdir: str = WORKDIR
+    upper_dir: str | None = None  # an image build's step: its writable layer stays on the host
+    network: bool = False
 
 
 @dataclass(eq=False)
@@ -206,12 +209,14 @@ class Runtime:
                 image_mounts=image.mounts,
                 writable_layer_bytes=shape.disk_bytes,
                 shm_bytes=min(shape.disk_bytes, SHM_MAX_BYTES),
-                workdir=WORKDIR,
+                workdir=shape.workdir,
+                upper_dir=shape.upper_dir,
                 job_uid=image.uid,
                 job_gid=image.gid,
             ),
             id_mapping=choose_id_mapping(image.uid, image.gid),
             hostname=shape.hostname,
+            network=shape.network,
             loopback_request=self._loopback_request,
             last_capability=self._last_capability,
             seccomp_bpf=compiled_filter(shape.seccomp_policy).bpf,
@@ -337,7 +342,8 @@ class Runtime:
 
     def _place(self, waiting: _Waiting) -> None:
         spec = waiting.spec
-        shape = Shape(spec.image, spec.hostname, spec.limits.disk_bytes, spec.seccomp_policy)
+        shape = Shape(spec.image, spec.hostname, spec.limits.disk_bytes, spec.seccomp_policy, spec.workdir,
+                      spec.upper_dir, spec.network)
         container = self._take_from_pool(shape)
         if container is None:
             self._new_container(shape, spec.job_id, spec.limits, waiting)

@@ -45,9 +45,10 @@ class RootfsPlan:
     image_mounts: tuple[ImageMount, ...]
     writable_layer_bytes: int
     shm_bytes: int
-    workdir: str
+    workdir: str  # the job's, made its own; an image build's step's is made if missing
     job_uid: int
     job_gid: int
+    upper_dir: str | None = None  # an image build's step: writable layers here, kept after it
 
     def __post_init__(self) -> None:
         for image_mount in self.image_mounts:
@@ -55,14 +56,18 @@ class RootfsPlan:
                 # OverlayFS splits its options on ',' and lowerdir on ':'.
                 if not path.startswith("/") or any(char in path for char in ",:\\\n"):
                     raise MountPlanError(f"path {path!r} cannot be used in an overlay mount")
+        if self.upper_dir is not None and (not self.upper_dir.startswith("/")
+                                           or any(char in self.upper_dir for char in ",:\\\n")):
+            raise MountPlanError(f"path {self.upper_dir!r} cannot be used in an overlay mount")
         if not self.image_mounts or self.image_mounts[0].target != "/":
             raise MountPlanError("an image's first mount must be its root '/'")
 
 
 def _mount_overlays(plan: RootfsPlan, root: str) -> None:
     for index, image_mount in enumerate(plan.image_mounts):
-        upper = f"{plan.scratch_dir}/upper{index}"
-        work = f"{plan.scratch_dir}/work{index}"
+        layers = plan.upper_dir or plan.scratch_dir
+        upper = f"{layers}/upper{index}"
+        work = f"{layers}/work{index}"
         os.mkdir(upper, 0o755)
         os.mkdir(work, 0o700)
         target = root if image_mount.target == "/" else root + image_mount.target
@@ -111,11 +116,17 @@ def build_rootfs(plan: RootfsPlan) -> None:
     root = f"{plan.scratch_dir}/root"
     os.mkdir(root, 0o755)
     _mount_overlays(plan, root)
+    for mount_point in ("proc", "dev"):  # an image built FROM scratch may have neither
+        if not os.path.isdir(f"{root}/{mount_point}"):
+            os.mkdir(f"{root}/{mount_point}", 0o755)
     _mount_proc(root)
     _mount_dev(plan, root)
     workdir = f"{root}{plan.workdir}"
-    os.makedirs(workdir, 0o755, exist_ok=True)
-    os.chown(workdir, plan.job_uid, plan.job_gid)
+    if plan.upper_dir is None:
+        os.makedirs(workdir, 0o755, exist_ok=True)
+        os.chown(workdir, plan.job_uid, plan.job_gid)
+    elif not os.path.isdir(workdir):
+        os.makedirs(workdir, 0o755)  # as Docker's WORKDIR: the container's root owns it
     os.chdir(root)
     pivot_root(".", ".")
     umount2(".", MNT_DETACH)

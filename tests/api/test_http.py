@@ -279,3 +279,19 @@ def test_structured_logs_have_one_line_per_request_and_per_transition(api):
     assert all(e["tenant"] == "bob" for e in mine)
     requests = [e for e in events if e["event"] == "request" and e.get("tenant") == "bob"]
     assert requests and {"method", "path", "status", "duration_ms"} <= set(requests[-1])
+
+
+def test_a_job_runs_over_a_built_image_named_with_or_without_its_tag(api, tmp_path):
+    import io as _io
+
+    from sandboxd.images.build import build_image
+    from sandboxd.images.spec import parse_spec
+
+    spec = parse_spec("FROM host\nRUN echo built > /opt/mark\n", "Imagefile")
+    build_image(spec, "Imagefile", tmp_path, "marked", api.state_dir, _io.StringIO())
+    names = {image["name"] for image in api.request("GET", "/v1/images", api.keys["alice"]).json()["images"]}
+    assert {"host", "marked:latest"} <= names
+    for image in ("marked", "marked:latest"):
+        job = api.run(api.keys["alice"], {"cmd": ["cat", "/opt/mark"], "image": image})
+        assert (job["image"], job["result"]["stdout"]) == ("marked:latest", "built\n")
+    assert api.request("POST", "/v1/jobs", api.keys["alice"], {"cmd": ["true"], "image": "unbuilt"}).status == 422

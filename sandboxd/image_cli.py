@@ -1,0 +1,86 @@
+"""`sandboxd image`: build images from specs, list, inspect, remove and prune them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_image_parser(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> None:
+    image = subparsers.add_parser("image", help="build, list, inspect, remove and prune images")
+    if not isinstance(image, parser_class):
+        raise TypeError(f"the sub-commands build {type(image).__name__}, not {parser_class.__name__}")
+    commands = image.add_subparsers(dest="image_command", required=True, parser_class=parser_class)
+    build = commands.add_parser("build", help="build an image from a spec (a Dockerfile subset)")
+    build.add_argument("-t", "--tag", required=True, metavar="NAME[:TAG]", help="the image's name")
+    build.add_argument("-f", "--file", type=Path, metavar="SPEC",
+                       help="the spec (default: CONTEXT/Imagefile, else CONTEXT/Dockerfile)")
+    build.add_argument("context", type=Path, help="the build context: COPY reads from here only")
+    listing = commands.add_parser("ls", help="list images")
+    listing.add_argument("--json", action="store_true")
+    inspect = commands.add_parser("inspect", help="print an image's record as JSON")
+    inspect.add_argument("name")
+    remove = commands.add_parser("rm", help="remove an image's name (prune frees its layers)")
+    remove.add_argument("name")
+    commands.add_parser("prune", help="remove layers, records and build cache no name reaches")
+    for command in (build, listing, inspect, remove, commands.choices["prune"]):
+        command.add_argument("--state-dir", type=Path, help="where images live (default: see README)")
+
+
+def run_image_command(args: argparse.Namespace) -> int:
+    from sandboxd.images.build import BuildError, build_image, read_spec
+    from sandboxd.images.spec import SpecError
+    from sandboxd.images.store import ImageStore, ImageStoreError
+    from sandboxd.state import default_state_dir
+
+    state_dir = args.state_dir or default_state_dir()
+    store = ImageStore(state_dir)
+    try:
+        if args.image_command == "build":
+            spec_path = args.file or next((args.context / name for name in ("Imagefile", "Dockerfile")
+                                           if (args.context / name).is_file()), args.context / "Imagefile")
+            if not args.context.is_dir():
+                print(f"sandboxd: error: the build context {args.context} is not a directory", file=sys.stderr)
+                return EXIT_USAGE
+            spec, spec_name = read_spec(spec_path)
+            build_image(spec, spec_name, args.context, args.tag, state_dir)
+        elif args.image_command == "ls":
+            images = store.list_images()
+            if args.json:
+                json.dump([{"name": name, "id": image_id, "base": record.base, "created": record.created,
+                            "layers": len(record.layers), "size_bytes": sum(l.size_bytes for l in record.layers)}
+                           for name, image_id, record in images], sys.stdout)
+                sys.stdout.write("\n")
+            else:
+                print(f"{'NAME':40} {'ID':19} {'BASE':8} {'LAYERS':>6} {'SIZE':>12}  CREATED")
+                for name, image_id, record in images:
+                    size = sum(layer.size_bytes for layer in record.layers)
+                    print(f"{name:40} {image_id[:19]:19} {record.base:8} {len(record.layers):>6} {size:>12}  "
+                          f"{record.created}")
+        elif args.image_command == "inspect":
+            image_id, record = store.resolve(args.name)
+            document = json.loads(record.to_json())
+            document["id"] = image_id
+            json.dump(document, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        elif args.image_command == "rm":
+            print(store.remove(args.name))
+        else:
+            for diff_id in store.prune():
+                print(f"removed layer {diff_id}")
+    except (ImageStoreError, SpecError) as error:
+        print(f"sandboxd: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BuildError as error:
+        print(f"sandboxd: build failed: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as error:
+        print(f"sandboxd: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

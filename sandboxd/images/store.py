@@ -1,0 +1,394 @@
+"""The image store: content-addressed layers, unpacked once and shared by every image, and
+names for images.
+
+    <state_dir>/images/
+      layers/<hex>/      a layer (named by its diff id: the sha256 of its uncompressed tar),
+                         unpacked once, used as an overlay lower dir by every image that has it
+      records/<hex>.json an image: its base, its layers bottom first, its config; the name is
+                         the sha256 of the file's bytes, which is the image's id
+      refs.json          "name:tag" -> image id
+      tmp/               work in progress; what a crash leaves here is removed later
+      store.lock         flock: one writer at a time, so two builds or pulls of one image
+                         serialise and the second finds the first's layers
+
+Whatever exists under layers/ and records/ is complete: both are written in tmp/ and renamed
+into place. A name is written last, under the lock, so `list_images()` never shows an image
+whose parts are missing; `prune()` removes (under the same lock) what no name reaches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from sandboxd.images import Image, ImageMount
+from sandboxd.images.layer import LayerError, Owner, unpack_layer
+
+RESERVED_NAMES = ("host", "scratch")
+DEFAULT_TAG = "latest"
+STALE_TMP_S = 3600.0
+_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+_LISTINGS: dict[str, tuple[tuple, list]] = {}  # store root -> (its change key, its listing)
+
+
+def remove_tree(path: Path) -> None:
+    """shutil.rmtree, also through directories of ours without permissions: overlay leaves its
+    work dir mode 000 in a build step's writable layer, and a rootless builder is not root.
+    What is not ours (a subordinate uid's) stays, for remove_stale_tmp() to try again."""
+
+    def unlock(function, failed_path: str, exc_info) -> None:
+        try:
+            st = os.lstat(failed_path)
+        except OSError:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            os.chmod(failed_path, 0o700)  # a directory, ours, in a tree no process uses now
+            shutil.rmtree(failed_path, ignore_errors=True)
+
+    shutil.rmtree(path, onerror=unlock)
+
+
+class ImageStoreError(ValueError):
+    """A name is invalid, an image is unknown, or the store cannot do what was asked."""
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    diff_id: str  # "sha256:<hex>"
+    size_bytes: int  # of its uncompressed tar
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    base: str  # "scratch" or "host": what the layers lie on
+    layers: tuple[LayerRef, ...]  # bottom first
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    uid: int = 0
+    gid: int = 0
+    labels: tuple[tuple[str, str], ...] = ()
+    created: str = ""  # ISO 8601 UTC
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageRecord:
+        raw = json.loads(data)
+        return cls(
+            base=raw["base"],
+            layers=tuple(LayerRef(layer["diff_id"], layer["size_bytes"]) for layer in raw["layers"]),
+            env=tuple((key, value) for key, value in raw["env"]),
+            workdir=raw["workdir"],
+            uid=raw["uid"],
+            gid=raw["gid"],
+            labels=tuple((key, value) for key, value in raw["labels"]),
+            created=raw["created"],
+        )
+
+
+def parse_reference(reference: str) -> str:
+    """`NAME[:TAG]` as the canonical "name:tag"; ImageStoreError names what is wrong."""
+    name, colon, tag = reference.rpartition(":")
+    if not colon:
+        name, tag = reference, DEFAULT_TAG
+    if not _NAME_RE.match(name) or len(name) > 255:
+        raise ImageStoreError(f"invalid image name {reference!r}: lower-case letters, digits and "
+                              "'.', '_', '-' between them, '/' between components")
+    if not _TAG_RE.match(tag):
+        raise ImageStoreError(f"invalid tag in {reference!r}: letters, digits, '.', '_', '-' (up to 128)")
+    if name in RESERVED_NAMES:
+        raise ImageStoreError(f"{name!r} is a built-in name")
+    return f"{name}:{tag}"
+
+
+def _hex(diff_id: str) -> str:
+    match = _DIGEST_RE.match(diff_id)
+    if not match:
+        raise ImageStoreError(f"not a sha256 digest: {diff_id!r}")
+    return match.group(1)
+
+
+class ImageStore:
+    def __init__(self, state_dir: Path, owner: Owner | None = None) -> None:
+        """Reading needs nothing on disk; the first write makes the store's directories.
+        owner maps a layer's ids to the host's when unpacking (None: all ours)."""
+        self.root = Path(state_dir) / "images"
+        self.owner = owner
+
+    def _ensure_dirs(self) -> None:
+        for directory in (self.root, self.root / "layers", self.root / "records", self.root / "tmp"):
+            directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+
+    # --- locking and temp dirs -------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self._ensure_dirs()
+        fd = os.open(self.root / "store.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _new_tmp(self) -> Path:
+        self._ensure_dirs()
+        path = self.root / "tmp" / f"{int(time.time())}-{secrets.token_hex(8)}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def remove_stale_tmp(self) -> None:
+        """What interrupted writers (a crash, a kill) left in tmp/ an hour or more ago."""
+        now = time.time()
+        if not (self.root / "tmp").is_dir():
+            return
+        for entry in (self.root / "tmp").iterdir():
+            started = entry.name.partition("-")[0]
+            if started.isdigit() and now - int(started) > STALE_TMP_S:
+                remove_tree(entry)
+
+    # --- layers ----------------------------------------------------------------------------
+
+    def layer_dir(self, diff_id: str) -> Path:
+        return self.root / "layers" / _hex(diff_id)
+
+    def has_layer(self, diff_id: str) -> bool:
+        return self.layer_dir(diff_id).is_dir()
+
+    def add_layer(self, stream: BinaryIO, expected_diff_id: str | None = None) -> LayerRef:
+        """Unpack a layer tar (plain or gzip) into the store, once: a layer that is there
+        already is not unpacked again. LayerError for a bad or unsafe tar, or one whose
+        digest is not `expected_diff_id`; nothing of it stays behind."""
+        if expected_diff_id is not None and self.has_layer(expected_diff_id):
+            return LayerRef(expected_diff_id, self._recorded_size(expected_diff_id))
+        work = self._new_tmp()
+        try:
+            tree = work / "tree"
+            tree.mkdir(mode=0o755)
+            info = unpack_layer(stream, str(tree), self.owner)
+            if expected_diff_id is not None and info.diff_id != expected_diff_id:
+                raise LayerError(f"the layer's digest is {info.diff_id}, not the expected {expected_diff_id}")
+            (work / "size").write_text(str(info.size_bytes))
+            final = self.layer_dir(info.diff_id)
+            try:
+                os.rename(tree, final)
+            except OSError:
+                if not final.is_dir():
+                    raise  # else another writer put the same layer in place first: keep theirs
+            os.replace(work / "size", self.root / "layers" / f"{_hex(info.diff_id)}.size")
+            return LayerRef(info.diff_id, info.size_bytes)
+        finally:
+            remove_tree(work)
+
+    def _recorded_size(self, diff_id: str) -> int:
+        try:
+            return int((self.root / "layers" / f"{_hex(diff_id)}.size").read_text())
+        except (OSError, ValueError):
+            return 0
+
+    # --- the build cache: a step's key -> the layer it made ---------------------------------
+
+    def cached_layer(self, key: str) -> LayerRef | None:
+        try:
+            raw = json.loads((self.root / "cache" / f"{_hex(key)}.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        layer = LayerRef(raw["diff_id"], raw["size_bytes"])
+        return layer if self.has_layer(layer.diff_id) else None
+
+    def cache_layer(self, key: str, layer: LayerRef) -> None:
+        (self.root / "cache").mkdir(mode=0o711, exist_ok=True)
+        work = self._new_tmp()
+        try:
+            (work / "entry.json").write_text(json.dumps(asdict(layer)))
+            os.rename(work / "entry.json", self.root / "cache" / f"{_hex(key)}.json")
+        finally:
+            remove_tree(work)
+
+    @contextmanager
+    def work_dir(self) -> Iterator[Path]:
+        """A private directory under tmp/, removed afterwards."""
+        work = self._new_tmp()
+        try:
+            yield work
+        finally:
+            remove_tree(work)
+
+    # --- images and names ------------------------------------------------------------------
+
+    def save(self, record: ImageRecord) -> str:
+        """Store an image record (its layers must be in the store); returns its id."""
+        missing = [layer.diff_id for layer in record.layers if not self.has_layer(layer.diff_id)]
+        if missing:
+            raise ImageStoreError(f"the image's layers are not in the store: {', '.join(missing)}")
+        data = record.to_json()
+        image_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        final = self.root / "records" / f"{_hex(image_id)}.json"
+        if not final.exists():
+            work = self._new_tmp()
+            try:
+                (work / "record.json").write_bytes(data)
+                os.rename(work / "record.json", final)
+            finally:
+                remove_tree(work)
+        return image_id
+
+    def record(self, image_id: str) -> ImageRecord:
+        try:
+            return ImageRecord.from_json((self.root / "records" / f"{_hex(image_id)}.json").read_bytes())
+        except FileNotFoundError:
+            raise ImageStoreError(f"no image {image_id}") from None
+
+    def _refs(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / "refs.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+
+    def _write_refs(self, refs: dict[str, str]) -> None:
+        work = self._new_tmp()
+        try:
+            (work / "refs.json").write_text(json.dumps(refs, sort_keys=True, indent=1))
+            os.rename(work / "refs.json", self.root / "refs.json")
+        finally:
+            remove_tree(work)
+
+    def tag(self, reference: str, image_id: str) -> str:
+        """Name an image ("name[:tag]"); returns the canonical "name:tag"."""
+        name = parse_reference(reference)
+        self.record(image_id)  # it must exist
+        with self.locked():
+            refs = self._refs()
+            refs[name] = image_id
+            self._write_refs(refs)
+        return name
+
+    def resolve(self, reference: str) -> tuple[str, ImageRecord]:
+        """The id and record a name points to; ImageStoreError if none (or if broken)."""
+        name = parse_reference(reference)
+        image_id = self._refs().get(name)
+        if image_id is None:
+            raise ImageStoreError(f"no image named {name!r}")
+        record = self.record(image_id)
+        if not all(self.has_layer(layer.diff_id) for layer in record.layers):
+            raise ImageStoreError(f"image {name!r} is missing layers; pull or build it again")
+        return image_id, record
+
+    def list_images(self) -> list[tuple[str, str, ImageRecord]]:
+        """(name:tag, id, record) of every complete named image, by name. Cached while the
+        names and the layers directory are unchanged: the service checks names per request."""
+        try:
+            refs, layers = os.stat(self.root / "refs.json"), os.stat(self.root / "layers")
+        except FileNotFoundError:
+            return []
+        key = (str(self.root), refs.st_ino, refs.st_mtime_ns, layers.st_mtime_ns)
+        cached = _LISTINGS.get(key[0])
+        if cached is None or cached[0] != key:
+            cached = _LISTINGS[key[0]] = (key, self._list_uncached())
+        return list(cached[1])
+
+    def _list_uncached(self) -> list[tuple[str, str, ImageRecord]]:
+        listed = []
+        for name, image_id in sorted(self._refs().items()):
+            try:
+                record = self.record(image_id)
+            except (ImageStoreError, ValueError, KeyError):
+                continue
+            if all(self.has_layer(layer.diff_id) for layer in record.layers):
+                listed.append((name, image_id, record))
+        return listed
+
+    def remove(self, reference: str) -> str:
+        """Drop a name (its layers stay until prune()); returns the image id it named."""
+        name = parse_reference(reference)
+        with self.locked():
+            refs = self._refs()
+            if name not in refs:
+                raise ImageStoreError(f"no image named {name!r}")
+            image_id = refs.pop(name)
+            self._write_refs(refs)
+        return image_id
+
+    def prune(self, keep_layers: frozenset[str] = frozenset()) -> list[str]:
+        """Remove records, layers and build cache entries that no name reaches (nor
+        keep_layers); returns the removed layers' diff ids."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        with self.locked():
+            named = set(self._refs().values())
+            reachable = set(keep_layers)
+            for image_id in named:
+                try:
+                    reachable |= {layer.diff_id for layer in self.record(image_id).layers}
+                except ImageStoreError:
+                    continue
+            for path in (self.root / "records").glob("*.json"):
+                if "sha256:" + path.stem not in named:
+                    path.unlink()
+            for path in (self.root / "cache").glob("*.json") if (self.root / "cache").is_dir() else ():
+                try:
+                    if json.loads(path.read_bytes())["diff_id"] not in reachable:
+                        path.unlink()
+                except (ValueError, KeyError):
+                    path.unlink()
+            for path in (self.root / "layers").iterdir():
+                diff_id = "sha256:" + path.name.partition(".")[0]
+                if diff_id in reachable:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    # Renamed out of layers/ first: no image resolves to a half-removed layer.
+                    doomed = self._new_tmp() / "doomed"
+                    os.rename(path, doomed)
+                    remove_tree(doomed.parent)
+                    removed.append(diff_id)
+                else:
+                    path.unlink()
+        return removed
+
+
+def runtime_image(name: str, record: ImageRecord, store: ImageStore, state_dir: Path,
+                  build_step: bool = False) -> Image:
+    """What the runtime mounts for a stored image: its layers (top first) over its base's
+    lower dirs; over `host`, each layer's part under a mount of host's goes onto that mount.
+    Jobs never run as uid 0 (it is the host's root when the service is): an image whose
+    USER is root runs its jobs as the sandbox user; only its build steps run as root."""
+    from sandboxd.images.host import SANDBOX_GID, SANDBOX_UID, host_image
+
+    layers = [store.layer_dir(layer.diff_id) for layer in reversed(record.layers)]
+    if record.base == "host":
+        base = host_image(state_dir)
+        mounts = []
+        for mount in base.mounts:
+            relative = mount.target.lstrip("/")
+            ours = [layer / relative if relative else layer for layer in layers]
+            ours = [path for path in ours if path.is_dir() and not path.is_symlink()]
+            mounts.append(ImageMount(mount.target, tuple(map(str, ours)) + mount.lowerdirs))
+    else:
+        if not layers:
+            empty = store.root / "empty"
+            empty.mkdir(mode=0o755, exist_ok=True)
+            layers = [empty]
+        mounts = [ImageMount("/", tuple(map(str, layers)))]
+    env = dict(Image.__dataclass_fields__["env"].default)
+    env.update(record.env)
+    uid, gid = record.uid, record.gid
+    if uid == 0 and not build_step:
+        uid, gid = SANDBOX_UID, SANDBOX_GID
+    return Image(name=name, mounts=tuple(mounts), env=tuple(env.items()), uid=uid, gid=gid)
