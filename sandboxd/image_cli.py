@@ -29,12 +29,19 @@ def add_image_parser(subparsers: Any, parser_class: type[argparse.ArgumentParser
     remove = commands.add_parser("rm", help="remove an image's name (prune frees its layers)")
     remove.add_argument("name")
     commands.add_parser("prune", help="remove layers, records and build cache no name reaches")
-    for command in (build, listing, inspect, remove, commands.choices["prune"]):
+    save = commands.add_parser("save", help="write an image as an OCI image layout tar")
+    save.add_argument("name")
+    save.add_argument("file", type=Path)
+    load = commands.add_parser("load", help="read an OCI image layout tar (sandboxd's, skopeo's, umoci's)")
+    load.add_argument("file", type=Path)
+    load.add_argument("-t", "--tag", metavar="NAME[:TAG]", help="name it (default: the layout's ref.name)")
+    for command in (build, listing, inspect, remove, commands.choices["prune"], save, load):
         command.add_argument("--state-dir", type=Path, help="where images live (default: see README)")
 
 
 def run_image_command(args: argparse.Namespace) -> int:
-    from sandboxd.images.build import BuildError, build_image, read_spec
+    from sandboxd.images.build import BuildError, build_image, read_spec, utc_now
+    from sandboxd.images.oci import OciError, load_image, save_image
     from sandboxd.images.spec import SpecError
     from sandboxd.images.store import ImageStore, ImageStoreError
     from sandboxd.state import default_state_dir
@@ -71,10 +78,15 @@ def run_image_command(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         elif args.image_command == "rm":
             print(store.remove(args.name))
+        elif args.image_command == "save":
+            print(save_image(store, args.name, args.file))
+        elif args.image_command == "load":
+            name, image_id = load_image(store, args.file, args.tag, utc_now())
+            print(f"Loaded {name} {image_id}")
         else:
             for diff_id in store.prune():
                 print(f"removed layer {diff_id}")
-    except (ImageStoreError, SpecError) as error:
+    except (ImageStoreError, SpecError, OciError) as error:
         print(f"sandboxd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except BuildError as error:

@@ -12,9 +12,9 @@ venv=${SANDBOXD_VENV:-$repo/.venv}
 packages=(python3 python3-venv libseccomp2 uidmap util-linux)
 extras=()
 if [[ ${1:-} == --test ]]; then
-  # Toolchains the tests run inside containers, bubblewrap as the benchmark's peer, and
-  # the static busybox the `minimal` image is built from.
-  packages+=(gcc g++ libc6-dev default-jdk-headless nodejs bubblewrap git busybox-static)
+  # Toolchains the tests run inside containers, bubblewrap as the benchmark's peer,
+  # the static busybox the `minimal` image is built from, and skopeo (OCI interoperability).
+  packages+=(gcc g++ libc6-dev default-jdk-headless nodejs bubblewrap git busybox-static skopeo)
   extras=("[test]")
 fi
 

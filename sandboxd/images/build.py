@@ -75,7 +75,7 @@ def _human_bytes(count: int) -> str:
 
 def _base_state(spec: Spec, store: ImageStore, spec_name: str) -> _State:
     image = spec.base.image
-    now = _utc_now()
+    now = utc_now()
     if image in ("scratch", "host"):
         # Over host, jobs run as its sandbox user and /work is theirs; steps run as root.
         return _State(ImageRecord(base=image, layers=(), workdir="/", created=now), _key("base", image))
@@ -90,7 +90,7 @@ def _base_state(spec: Spec, store: ImageStore, spec_name: str) -> _State:
     return _State(dataclasses.replace(record, created=now), _key("image", image_id))
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 

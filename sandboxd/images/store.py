@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -67,10 +68,21 @@ class ImageStoreError(ValueError):
     """A name is invalid, an image is unknown, or the store cannot do what was asked."""
 
 
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+GZIP_LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
 @dataclass(frozen=True)
 class LayerRef:
-    diff_id: str  # "sha256:<hex>"
+    diff_id: str  # "sha256:<hex>" of its uncompressed tar
     size_bytes: int  # of its uncompressed tar
+    blob: str  # "sha256:<hex>" of the tar as stored and shipped (gzip or not)
+    blob_size_bytes: int
+    media_type: str  # LAYER_MEDIA_TYPE or GZIP_LAYER_MEDIA_TYPE
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LayerRef:
+        return cls(raw["diff_id"], raw["size_bytes"], raw["blob"], raw["blob_size_bytes"], raw["media_type"])
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ class ImageRecord:
         raw = json.loads(data)
         return cls(
             base=raw["base"],
-            layers=tuple(LayerRef(layer["diff_id"], layer["size_bytes"]) for layer in raw["layers"]),
+            layers=tuple(LayerRef.from_dict(layer) for layer in raw["layers"]),
             env=tuple((key, value) for key, value in raw["env"]),
             workdir=raw["workdir"],
             uid=raw["uid"],
@@ -122,6 +134,31 @@ def _hex(diff_id: str) -> str:
     if not match:
         raise ImageStoreError(f"not a sha256 digest: {diff_id!r}")
     return match.group(1)
+
+
+def _media_type(blob: Path) -> str:
+    with open(blob, "rb") as file:
+        return GZIP_LAYER_MEDIA_TYPE if file.read(2) == b"\x1f\x8b" else LAYER_MEDIA_TYPE
+
+
+class _Tee(io.RawIOBase):
+    """Reads `stream` through, writing every byte to `copy` and hashing it."""
+
+    def __init__(self, stream: BinaryIO, copy: BinaryIO) -> None:
+        self._stream, self._copy = stream, copy
+        self.sha256 = hashlib.sha256()
+        self.size_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self._copy.write(data)
+        self.sha256.update(data)
+        self.size_bytes += len(data)
+        return len(data)
 
 
 class ImageStore:
@@ -171,36 +208,59 @@ class ImageStore:
     def has_layer(self, diff_id: str) -> bool:
         return self.layer_dir(diff_id).is_dir()
 
-    def add_layer(self, stream: BinaryIO, expected_diff_id: str | None = None) -> LayerRef:
-        """Unpack a layer tar (plain or gzip) into the store, once: a layer that is there
-        already is not unpacked again. LayerError for a bad or unsafe tar, or one whose
-        digest is not `expected_diff_id`; nothing of it stays behind."""
-        if expected_diff_id is not None and self.has_layer(expected_diff_id):
-            return LayerRef(expected_diff_id, self._recorded_size(expected_diff_id))
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / _hex(digest)
+
+    def layer(self, diff_id: str) -> LayerRef | None:
+        """The record of a layer in the store (None if it is not complete there)."""
+        try:
+            layer = LayerRef.from_dict(json.loads((self.root / "layers" / f"{_hex(diff_id)}.json").read_bytes()))
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+        return layer if self.has_layer(diff_id) and self.blob_path(layer.blob).is_file() else None
+
+    def add_layer(self, stream: BinaryIO, expected_diff_id: str | None = None,
+                  expected_blob: str | None = None) -> LayerRef:
+        """Unpack a layer tar (plain or gzip) into the store, and keep the tar as received (its
+        blob), once: a layer that is there already is not unpacked again. LayerError for a
+        bad or unsafe tar, or one whose digests are not the expected ones; nothing of it
+        stays behind."""
+        if expected_diff_id is not None and expected_blob is not None and self.blob_path(expected_blob).is_file() \
+                and (known := self.layer(expected_diff_id)) is not None:
+            # Both there already. One layer may come as several blobs (plain, gzip): an image
+            # refers to the blob it came with, so that it leaves the store as it came in.
+            return LayerRef(known.diff_id, known.size_bytes, expected_blob, self.blob_path(expected_blob).stat().st_size,
+                            _media_type(self.blob_path(expected_blob)))
         work = self._new_tmp()
         try:
             tree = work / "tree"
             tree.mkdir(mode=0o755)
-            info = unpack_layer(stream, str(tree), self.owner)
+            with open(work / "blob", "xb") as copy:
+                tee = _Tee(stream, copy)
+                reader = io.BufferedReader(tee)
+                info = unpack_layer(reader, str(tree), self.owner)
+                while reader.read(1 << 20):
+                    pass  # whatever follows the tar's end is part of the blob
+            blob = "sha256:" + tee.sha256.hexdigest()
             if expected_diff_id is not None and info.diff_id != expected_diff_id:
                 raise LayerError(f"the layer's digest is {info.diff_id}, not the expected {expected_diff_id}")
-            (work / "size").write_text(str(info.size_bytes))
+            if expected_blob is not None and blob != expected_blob:
+                raise LayerError(f"the layer blob's digest is {blob}, not the expected {expected_blob}")
+            layer = LayerRef(info.diff_id, info.size_bytes, blob, tee.size_bytes, _media_type(work / "blob"))
+            self.blob_path(blob).parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+            os.replace(work / "blob", self.blob_path(blob))
+            (work / "layer.json").write_text(json.dumps(asdict(layer)))
             final = self.layer_dir(info.diff_id)
             try:
                 os.rename(tree, final)
             except OSError:
                 if not final.is_dir():
                     raise  # else another writer put the same layer in place first: keep theirs
-            os.replace(work / "size", self.root / "layers" / f"{_hex(info.diff_id)}.size")
-            return LayerRef(info.diff_id, info.size_bytes)
+            if self.layer(info.diff_id) is None:  # the layer's first blob is the one it is known by
+                os.replace(work / "layer.json", self.root / "layers" / f"{_hex(info.diff_id)}.json")
+            return layer
         finally:
             remove_tree(work)
-
-    def _recorded_size(self, diff_id: str) -> int:
-        try:
-            return int((self.root / "layers" / f"{_hex(diff_id)}.size").read_text())
-        except (OSError, ValueError):
-            return 0
 
     # --- the build cache: a step's key -> the layer it made ---------------------------------
 
@@ -209,8 +269,7 @@ class ImageStore:
             raw = json.loads((self.root / "cache" / f"{_hex(key)}.json").read_bytes())
         except (FileNotFoundError, ValueError):
             return None
-        layer = LayerRef(raw["diff_id"], raw["size_bytes"])
-        return layer if self.has_layer(layer.diff_id) else None
+        return self.layer(raw["diff_id"])
 
     def cache_layer(self, key: str, layer: LayerRef) -> None:
         (self.root / "cache").mkdir(mode=0o711, exist_ok=True)
@@ -326,19 +385,22 @@ class ImageStore:
         return image_id
 
     def prune(self, keep_layers: frozenset[str] = frozenset()) -> list[str]:
-        """Remove records, layers and build cache entries that no name reaches (nor
-        keep_layers); returns the removed layers' diff ids."""
+        """Remove records, layers, their blobs and build cache entries that no name reaches
+        (nor keep_layers); returns the removed layers' diff ids."""
         removed = []
         if not self.root.is_dir():
             return removed
         with self.locked():
             named = set(self._refs().values())
             reachable = set(keep_layers)
+            kept_blobs = set()
             for image_id in named:
                 try:
-                    reachable |= {layer.diff_id for layer in self.record(image_id).layers}
+                    layers = self.record(image_id).layers
                 except ImageStoreError:
                     continue
+                reachable |= {layer.diff_id for layer in layers}
+                kept_blobs |= {layer.blob for layer in layers}
             for path in (self.root / "records").glob("*.json"):
                 if "sha256:" + path.stem not in named:
                     path.unlink()
@@ -359,6 +421,11 @@ class ImageStore:
                     remove_tree(doomed.parent)
                     removed.append(diff_id)
                 else:
+                    path.unlink()
+            kept_blobs |= {known.blob for diff_id in reachable if (known := self.layer(diff_id)) is not None}
+            blobs = self.root / "blobs" / "sha256"
+            for path in blobs.iterdir() if blobs.is_dir() else ():
+                if "sha256:" + path.name not in kept_blobs:
                     path.unlink()
         return removed
 

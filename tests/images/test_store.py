@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from sandboxd.images.layer import LayerError
-from sandboxd.images.store import ImageRecord, ImageStore, ImageStoreError, LayerRef, parse_reference
+from sandboxd.images.store import (GZIP_LAYER_MEDIA_TYPE, LAYER_MEDIA_TYPE, ImageRecord, ImageStore, ImageStoreError,
+                                   LayerRef, parse_reference)
 
 
 def _layer_tar(files: dict[str, bytes]) -> bytes:
@@ -40,7 +41,8 @@ def _image(store: ImageStore, *layers: bytes) -> ImageRecord:
 def test_a_layer_is_unpacked_once_under_its_diff_id_and_shared_by_images(store):
     data = _layer_tar({"etc/motd": b"hi\n"})
     first = store.add_layer(io.BytesIO(data))
-    assert first == LayerRef(_digest(data), len(data))
+    assert first == LayerRef(_digest(data), len(data), _digest(data), len(data), LAYER_MEDIA_TYPE)
+    assert store.blob_path(first.blob).read_bytes() == data  # kept as received
     assert (store.layer_dir(first.diff_id) / "etc/motd").read_bytes() == b"hi\n"
     again = store.add_layer(io.BytesIO(data), expected_diff_id=first.diff_id)
     assert again == first
@@ -115,7 +117,8 @@ def test_an_image_whose_layer_is_missing_is_not_listed_nor_resolved(store):
 
 def test_saving_an_image_needs_its_layers_in_the_store(store):
     with pytest.raises(ImageStoreError, match="not in the store"):
-        store.save(ImageRecord(base="scratch", layers=(LayerRef("sha256:" + "1" * 64, 10),)))
+        store.save(ImageRecord(base="scratch", layers=(LayerRef("sha256:" + "1" * 64, 10, "sha256:" + "1" * 64, 10,
+                                                                 LAYER_MEDIA_TYPE),)))
 
 
 def test_prune_removes_only_what_no_name_reaches(store):
@@ -140,3 +143,23 @@ def test_prune_keeps_layers_the_caller_still_needs(store):
     layer = store.add_layer(io.BytesIO(cached))
     assert store.prune(keep_layers=frozenset({layer.diff_id})) == []
     assert store.has_layer(layer.diff_id)
+
+
+def test_a_gzip_layer_keeps_its_compressed_blob_and_both_digests(store):
+    import gzip
+
+    plain = _layer_tar({"a": b"1" * 1000})
+    packed = gzip.compress(plain)
+    layer = store.add_layer(io.BytesIO(packed), expected_diff_id=None, expected_blob=_digest(packed))
+    assert (layer.diff_id, layer.blob, layer.media_type) == (_digest(plain), _digest(packed), GZIP_LAYER_MEDIA_TYPE)
+    assert store.blob_path(layer.blob).read_bytes() == packed
+    with pytest.raises(LayerError, match="blob's digest"):
+        other = gzip.compress(_layer_tar({"b": b"2"}))
+        store.add_layer(io.BytesIO(other), expected_blob=_digest(packed))
+
+
+def test_prune_removes_the_blobs_of_what_it_removes(store):
+    data = _layer_tar({"gone": b"g"})
+    layer = store.add_layer(io.BytesIO(data))
+    assert store.prune() == [layer.diff_id]
+    assert not store.blob_path(layer.blob).exists()
