@@ -114,6 +114,17 @@ def job(argv: list[str] | tuple[str, ...], *, stdin: bytes | None = None,
     )
 
 
+def run_once(state_dir: Path, spec: JobSpec) -> Result:
+    """Run one job in a Runtime of its own over `state_dir` (and so its images), closed after."""
+    from sandboxd.runtime.launch import Runtime
+
+    runtime = Runtime(state_dir=state_dir)
+    try:
+        return runtime.run(spec)
+    finally:
+        runtime.close()
+
+
 def python_job(source: str, **kwargs: Any) -> JobSpec:
     return job(["python3", "-c", source], **kwargs)
 

@@ -60,11 +60,13 @@ class LayerInfo:
     entries: int
 
 
-class _Hashing(io.RawIOBase):
-    """Reads (or writes) through to `stream`, hashing and counting what passes."""
+class HashingStream(io.RawIOBase):
+    """Reads (or writes) through to `stream`, hashing and counting what passes; what is read
+    is also written to `copy`, if given."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, copy: BinaryIO | None = None) -> None:
         self._stream = stream
+        self._copy = copy
         self.sha256 = hashlib.sha256()
         self.size_bytes = 0
 
@@ -77,6 +79,8 @@ class _Hashing(io.RawIOBase):
     def readinto(self, buffer) -> int:
         data = self._stream.read(len(buffer))
         buffer[: len(data)] = data
+        if self._copy is not None:
+            self._copy.write(data)
         self.sha256.update(data)
         self.size_bytes += len(data)
         return len(data)
@@ -184,7 +188,7 @@ def unpack_layer(stream: BinaryIO, destination: str, owner: Owner | None = None)
     """Unpack a layer tar (plain or gzip) into `destination`, an empty directory of ours.
     owner(uid, gid) maps the tar's ids to the host's (the container's id mapping); None
     keeps every file ours. Returns the uncompressed tar's digest and size."""
-    hashing = _Hashing(_decompressed(stream))
+    hashing = HashingStream(_decompressed(stream))
     root_fd = os.open(destination, _DIR_FLAGS)
     tree = _Tree(root_fd)
     seen: set[tuple[str, ...]] = set()
@@ -239,7 +243,14 @@ def _unpack_member(archive: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tre
     if name == OPAQUE_MARKER:
         if not member.isreg():
             raise LayerError(f"opaque marker {'/'.join(parts)!r} is not a regular file")
-        os.setxattr(parent_fd, OPAQUE_XATTRS[0], b"y")
+        try:
+            os.setxattr(parent_fd, OPAQUE_XATTRS[0], b"y")
+        except OSError as error:
+            if error.errno != errno.EOPNOTSUPP:
+                raise
+            raise LayerError(f"opaque directory {'/'.join(parts[:-1]) or '/'!r}: the image store's file system "
+                             "has no user.* extended attributes (tmpfs before Linux 6.6); put the state "
+                             "directory on ext4, xfs or btrfs") from None
         return
     if name.startswith(WHITEOUT_PREFIX):
         hidden = name[len(WHITEOUT_PREFIX):]
@@ -333,7 +344,7 @@ def pack_layer(source: str, out: BinaryIO, inside_ids: Owner | None = None) -> L
 def pack_layers(sources: list[tuple[str, str]], out: BinaryIO, inside_ids: Owner | None = None) -> LayerInfo:
     """pack_layer() of several trees into one tar, each under its prefix ("" or "usr/"): a
     build step over several overlay mounts has a writable layer per mount."""
-    hashing = _Hashing(out)  # type: ignore[arg-type]
+    hashing = HashingStream(out)  # type: ignore[arg-type]
     count = 0
     with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
         for prefix, source in sources:

@@ -4,16 +4,18 @@ names for images.
     <state_dir>/images/
       layers/<hex>/      a layer (named by its diff id: the sha256 of its uncompressed tar),
                          unpacked once, used as an overlay lower dir by every image that has it
-      records/<hex>.json an image: its base, its layers bottom first, its config; the name is
-                         the sha256 of the file's bytes, which is the image's id
+      layers/<hex>.json  its record: sizes, and the blob it first came as
+      blobs/sha256/<hex> layer tars as they came (plain or gzip); one layer may have several
+      records/<hex>.json an image: its base, its layers bottom first (each with its blob), its
+                         config; the name is the sha256 of the file's bytes: the image's id
       refs.json          "name:tag" -> image id
+      cache/<hex>.json   the build cache: a step's key -> the layer it made
       tmp/               work in progress; what a crash leaves here is removed later
-      store.lock         flock: one writer at a time, so two builds or pulls of one image
-                         serialise and the second finds the first's layers
+      store.lock         flock: one writer of names at a time
 
-Whatever exists under layers/ and records/ is complete: both are written in tmp/ and renamed
-into place. A name is written last, under the lock, so `list_images()` never shows an image
-whose parts are missing; `prune()` removes (under the same lock) what no name reaches.
+Whatever exists under layers/, blobs/ and records/ is complete: each is written in tmp/ and
+renamed into place. A name is written last, under the lock, so `list_images()` never shows
+an image whose parts are missing; `prune()` removes (under the same lock) what no name reaches.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from sandboxd.images import Image, ImageMount
-from sandboxd.images.layer import LayerError, Owner, unpack_layer
+from sandboxd.images.layer import HashingStream, LayerError, Owner, unpack_layer
 
 RESERVED_NAMES = ("host", "scratch")
 DEFAULT_TAG = "latest"
@@ -141,26 +143,6 @@ def _media_type(blob: Path) -> str:
         return GZIP_LAYER_MEDIA_TYPE if file.read(2) == b"\x1f\x8b" else LAYER_MEDIA_TYPE
 
 
-class _Tee(io.RawIOBase):
-    """Reads `stream` through, writing every byte to `copy` and hashing it."""
-
-    def __init__(self, stream: BinaryIO, copy: BinaryIO) -> None:
-        self._stream, self._copy = stream, copy
-        self.sha256 = hashlib.sha256()
-        self.size_bytes = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._stream.read(len(buffer))
-        buffer[: len(data)] = data
-        self._copy.write(data)
-        self.sha256.update(data)
-        self.size_bytes += len(data)
-        return len(data)
-
-
 class ImageStore:
     def __init__(self, state_dir: Path, owner: Owner | None = None) -> None:
         """Reading needs nothing on disk; the first write makes the store's directories.
@@ -236,7 +218,7 @@ class ImageStore:
             tree = work / "tree"
             tree.mkdir(mode=0o755)
             with open(work / "blob", "xb") as copy:
-                tee = _Tee(stream, copy)
+                tee = HashingStream(stream, copy)
                 reader = io.BufferedReader(tee)
                 info = unpack_layer(reader, str(tree), self.owner)
                 while reader.read(1 << 20):

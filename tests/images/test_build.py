@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job, leftover_job_cgroups
+from conftest import job, leftover_job_cgroups, run_once
 from sandboxd.images.build import BuildError, build_image
 from sandboxd.images.spec import parse_spec
 
@@ -33,13 +33,7 @@ def _build(state: Path, context: Path, text: str, name: str = "test:1") -> tuple
 
 
 def _run(state: Path, image: str, argv: list[str]):
-    from sandboxd.runtime.launch import Runtime
-
-    runtime = Runtime(state_dir=state)
-    try:
-        return runtime.run(job(argv, image=image))
-    finally:
-        runtime.close()
+    return run_once(state, job(argv, image=image))
 
 
 def _verdicts(lines: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import overhead_ms
 from sandboxd.images import Image, ImageMount, resolve_image
 from sandboxd.images import host
 
@@ -472,7 +473,9 @@ def test_fingerprint_is_cheap():
         host.host_fingerprint()
         timings.append(time.perf_counter() - start)
     timings.sort()
-    assert timings[len(timings) // 2] < 0.010, f"p50 {timings[len(timings) // 2] * 1e3:.2f} ms"
+    # It runs once a second per image (the runtime's recheck): milliseconds, not tens of them.
+    limit_s = overhead_ms(10, 60) / 1000
+    assert timings[len(timings) // 2] < limit_s, f"p50 {timings[len(timings) // 2] * 1e3:.2f} ms"
 
 
 # --- the real layer runs real programs ------------------------------------------------------

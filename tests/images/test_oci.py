@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import job, leftover_job_cgroups
+from conftest import job, leftover_job_cgroups, run_once
 from sandboxd.images.build import build_image, utc_now
 from sandboxd.images.oci import OciError, load_image, save_image
 from sandboxd.images.spec import parse_spec
@@ -35,13 +35,7 @@ def built(tmp_path):
 
 
 def _run(state: Path, image: str, argv: list[str]):
-    from sandboxd.runtime.launch import Runtime
-
-    runtime = Runtime(state_dir=state)
-    try:
-        return runtime.run(job(argv, image=image))
-    finally:
-        runtime.close()
+    return run_once(state, job(argv, image=image))
 
 
 def test_a_saved_image_loads_back_byte_identical_into_another_store_and_runs(built, tmp_path):

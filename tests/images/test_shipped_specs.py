@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EMULATED_CPU, job, leftover_job_cgroups
+from conftest import EMULATED_CPU, job, leftover_job_cgroups, run_once
 from sandboxd.images.build import build_image, read_spec
 
 IMAGES = Path(__file__).resolve().parents[2] / "images"
@@ -22,13 +22,7 @@ def shipped_state(tmp_path_factory):
 
 
 def _run(state: Path, image: str, argv: list[str]):
-    from sandboxd.runtime.launch import Runtime
-
-    runtime = Runtime(state_dir=state)
-    try:
-        return runtime.run(job(argv, image=image))
-    finally:
-        runtime.close()
+    return run_once(state, job(argv, image=image))
 
 
 def test_the_minimal_image_is_busybox_alone_and_runs_as_the_sandbox_user(shipped_state):
