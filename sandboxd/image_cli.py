@@ -1,8 +1,10 @@
-"""`sandboxd image`: build images from specs, list, inspect, remove and prune them."""
+"""`sandboxd image`: build images from specs, list, inspect, remove and prune them, save and load
+them as OCI layouts, push them to and pull them from registries."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -10,6 +12,9 @@ from typing import Any
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+CREDENTIALS_HELP = """credentials: SANDBOXD_REGISTRY_USERNAME and SANDBOXD_REGISTRY_PASSWORD, else the
+registry's entry in SANDBOXD_AUTH_FILE (default ~/.config/sandboxd/auth.json), in the format
+of Docker's, podman's and skopeo's auth files: {"auths": {"HOST[:PORT]": {"auth": "<base64 user:pass>"}}}"""
 
 
 def add_image_parser(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> None:
@@ -35,16 +40,33 @@ def add_image_parser(subparsers: Any, parser_class: type[argparse.ArgumentParser
     load = commands.add_parser("load", help="read an OCI image layout tar (sandboxd's, skopeo's, umoci's)")
     load.add_argument("file", type=Path)
     load.add_argument("-t", "--tag", metavar="NAME[:TAG]", help="name it (default: the layout's ref.name)")
-    for command in (build, listing, inspect, remove, commands.choices["prune"], save, load):
+    push = commands.add_parser("push", help="push an image to a registry",
+                               epilog=CREDENTIALS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("name", help="the local image")
+    push.add_argument("reference", metavar="REF", help="REGISTRY[:PORT]/PATH[:TAG]")
+    push.add_argument("--chunk-size", default="16m", metavar="SIZE",
+                      help="blobs larger than this are uploaded in chunks of it (default 16m)")
+    pull = commands.add_parser("pull", help="pull an image from a registry",
+                               epilog=CREDENTIALS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pull.add_argument("reference", metavar="REF", help="[REGISTRY[:PORT]/]PATH[:TAG][@sha256:DIGEST]")
+    pull.add_argument("-t", "--tag", metavar="NAME[:TAG]", help="name it (default: REF, with its registry)")
+    for command in (push, pull):
+        command.add_argument("--insecure", action="store_true",
+                             help="plain HTTP to a registry that is not on loopback (loopback always is)")
+    for command in (build, listing, inspect, remove, commands.choices["prune"], save, load, push, pull):
         command.add_argument("--state-dir", type=Path, help="where images live (default: see README)")
 
 
 def run_image_command(args: argparse.Namespace) -> int:
+    from sandboxd.images.auth import CredentialsError
     from sandboxd.images.build import BuildError, build_image, read_spec, utc_now
     from sandboxd.images.oci import OciError, load_image, save_image
+    from sandboxd.images.reference import ReferenceError, remote_reference
+    from sandboxd.images.registry import RegistryError
     from sandboxd.images.spec import SpecError
     from sandboxd.images.store import ImageStore, ImageStoreError
     from sandboxd.state import default_state_dir
+    from sandboxd.units import UnitError, parse_size_bytes
 
     state_dir = args.state_dir or default_state_dir()
     store = ImageStore(state_dir)
@@ -80,15 +102,27 @@ def run_image_command(args: argparse.Namespace) -> int:
             print(store.remove(args.name))
         elif args.image_command == "save":
             print(save_image(store, args.name, args.file))
+        elif args.image_command == "push":
+            from sandboxd.images.push import push_image
+            asyncio.run(push_image(store, args.name, remote_reference(args.reference), sys.stdout,
+                                   insecure=args.insecure, chunk_bytes=parse_size_bytes(args.chunk_size)))
+        elif args.image_command == "pull":
+            from sandboxd.images.pull import pull_image
+
+            asyncio.run(pull_image(store, remote_reference(args.reference), sys.stdout, name=args.tag,
+                                   insecure=args.insecure, created_fallback=utc_now()))
         elif args.image_command == "load":
             name, image_id = load_image(store, args.file, args.tag, utc_now())
             print(f"Loaded {name} {image_id}")
         else:
             for diff_id in store.prune():
                 print(f"removed layer {diff_id}")
-    except (ImageStoreError, SpecError, OciError) as error:
+    except (ImageStoreError, SpecError, OciError, ReferenceError, CredentialsError, UnitError) as error:
         print(f"sandboxd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except RegistryError as error:
+        print(f"sandboxd: registry: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except BuildError as error:
         print(f"sandboxd: build failed: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,4 +1,4 @@
-"""Parsing of the human units users type: sizes (512m, 1g) and durations in seconds."""
+"""The human units users type (sizes: 512m, 1g; durations in seconds) and read (10.2 kB)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,15 @@ def parse_count(value: str | int) -> int:
     if count < 0:
         raise UnitError(f"must not be negative, got {value!r}")
     return count
+
+
+def human_bytes(count: int) -> str:
+    """10.2 kB, 101.6 MB: decimal units, as sizes of downloads and layers are usually shown."""
+    if count < 1000:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"

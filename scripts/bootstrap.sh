@@ -13,8 +13,9 @@ packages=(python3 python3-venv libseccomp2 uidmap util-linux)
 extras=()
 if [[ ${1:-} == --test ]]; then
   # Toolchains the tests run inside containers, bubblewrap as the benchmark's peer,
-  # the static busybox the `minimal` image is built from, and skopeo (OCI interoperability).
-  packages+=(gcc g++ libc6-dev default-jdk-headless nodejs bubblewrap git busybox-static skopeo)
+  # the static busybox the `minimal` image is built from, skopeo (OCI interoperability) and
+  # the registry (distribution) that push and pull are tested against.
+  packages+=(gcc g++ libc6-dev default-jdk-headless nodejs bubblewrap git busybox-static skopeo docker-registry)
   extras=("[test]")
 fi
 

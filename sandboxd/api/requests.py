@@ -9,13 +9,13 @@ import re
 from typing import Any
 
 from sandboxd.api.errors import ApiError, invalid
+from sandboxd.images.reference import REFERENCE_RE
 from sandboxd.job import ENV_KEY_RE, InputFile, SpecError, normalize_workdir_path
 from sandboxd.jobs import JobRequest
 from sandboxd.limits import LimitError, LimitPolicy
 from sandboxd.store.tenants import Tenant
 
 JOB_FIELDS = {"cmd", "image", "stdin", "files", "env", "limits", "labels"}
-IMAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_.-]{1,128})?$")
 LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_ARGS = 4096
 MAX_FILES = 1000
@@ -130,7 +130,7 @@ def parse_job(body: Any, *, policy: LimitPolicy, tenant: Tenant, images: set[str
         if "cmd" not in job:
             raise invalid("cmd", "is required")
         image = _string(job.get("image", "host"), "image")
-        if not IMAGE_NAME_RE.match(image):
+        if image != "host" and not REFERENCE_RE.fullmatch(image):
             raise invalid("image", f"{image!r} is not a valid image name")
         if image not in images and f"{image}:latest" in images:
             image = f"{image}:latest"  # as the image's own listing names it

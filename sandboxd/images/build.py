@@ -16,6 +16,7 @@ through a symlink. Its output is printed after it ends.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -28,9 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, TextIO
 
 from sandboxd.images import BUILD_STEP_PREFIX, resolve_image
+from sandboxd.images.auth import CredentialsError
 from sandboxd.images.layer import LayerError, pack_layer, pack_layers
 from sandboxd.images.spec import Copy, Env, Instruction, Label, Run, Spec, User, Workdir
+from sandboxd.images.reference import ReferenceError, remote_reference
+from sandboxd.images.registry import RegistryError
 from sandboxd.images.store import ImageRecord, ImageStore, ImageStoreError, LayerRef
+from sandboxd.units import human_bytes
 
 if TYPE_CHECKING:
     from sandboxd.runtime.launch import Runtime
@@ -65,32 +70,35 @@ def _key(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def _human_bytes(count: int) -> str:
-    if count < 1000:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("kB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def _base_state(spec: Spec, store: ImageStore, spec_name: str) -> _State:
+def _base_state(spec: Spec, store: ImageStore, spec_name: str, out: TextIO) -> _State:
     image = spec.base.image
     now = utc_now()
     if image in ("scratch", "host"):
         # Over host, jobs run as its sandbox user and /work is theirs; steps run as root.
         return _State(ImageRecord(base=image, layers=(), workdir="/", created=now), _key("base", image))
-    first, slash, _ = image.partition("/")
-    if "@" in image or (slash and ("." in first or ":" in first or first == "localhost")):
-        raise BuildError(f"{spec_name}:{spec.base.line}: pulling {image!r} from a registry is not "
-                         "supported yet: build FROM scratch, host or a local image")
     try:
-        image_id, record = store.resolve(image)
-    except ImageStoreError as error:
-        raise BuildError(f"{spec_name}:{spec.base.line}: {error}") from None
+        image_id, record = _from_image(image, store, out, now)
+    except (ImageStoreError, ReferenceError, RegistryError, CredentialsError) as error:
+        raise BuildError(f"{spec_name}:{spec.base.line}: FROM {image}: {error}") from None
     return _State(dataclasses.replace(record, created=now), _key("image", image_id))
+
+
+def _from_image(image: str, store: ImageStore, out: TextIO, now: str) -> tuple[str, ImageRecord]:
+    """A local image of that name; else the registry's, pulled unless it was pulled before."""
+    if "@" not in image:
+        try:
+            return store.resolve(image)
+        except ImageStoreError:
+            pass
+    remote = remote_reference(image)
+    try:
+        return store.resolve(remote.local_name())
+    except ImageStoreError:
+        pass
+    from sandboxd.images.pull import pull_image
+
+    pulled = asyncio.run(pull_image(store, remote, out, created_fallback=now))
+    return pulled.image_id, store.record(pulled.image_id)
 
 
 def utc_now() -> str:
@@ -287,7 +295,7 @@ def build_image(spec: Spec, spec_name: str, context: Path, reference: str, state
     steps: list[Instruction] = [spec.base, *spec.steps]
     try:
         out.write(f"Step 1/{len(steps)} : {spec.base.text}\n")
-        state = _base_state(spec, store, spec_name)
+        state = _base_state(spec, store, spec_name, out)
         for number, step in enumerate(spec.steps, 2):
             out.write(f"Step {number}/{len(steps)} : {step.text}\n")
             out.flush()
@@ -314,7 +322,7 @@ def build_image(spec: Spec, spec_name: str, context: Path, reference: str, state
                             runtime = Runtime(state_dir=state_dir)
                         layer = _run_layer(step, state, store, state_dir, runtime, spec_name, out)
                     store.cache_layer(key, layer)
-                    out.write(f" ---> layer {layer.diff_id[:19]} {_human_bytes(layer.size_bytes)} "
+                    out.write(f" ---> layer {layer.diff_id[:19]} {human_bytes(layer.size_bytes)} "
                               f"({time.monotonic() - step_started:.2f} s)\n")
                 state = _State(dataclasses.replace(record, layers=record.layers + (layer,)), key)
                 continue
@@ -340,7 +348,7 @@ def build_image(spec: Spec, spec_name: str, context: Path, reference: str, state
         if runtime is not None:
             runtime.close()
     size = sum(layer.size_bytes for layer in state.record.layers)
-    out.write(f"Built {name} {image_id[:19]} ({len(state.record.layers)} layers, {_human_bytes(size)}) "
+    out.write(f"Built {name} {image_id[:19]} ({len(state.record.layers)} layers, {human_bytes(size)}) "
               f"in {time.monotonic() - started:.1f} s\n")
     return name, image_id
 

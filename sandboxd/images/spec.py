@@ -46,6 +46,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from sandboxd.images.reference import REFERENCE_RE
+
 MAX_SPEC_BYTES = 1 << 20  # the whole spec, UTF-8 encoded
 MAX_INSTRUCTIONS = 1000
 MAX_LINE_BYTES = 64 << 10  # one instruction, continuations joined
@@ -62,14 +64,6 @@ _IDS = re.compile(r"([0-9]+)(?::([0-9]+))?")
 _OCTAL_MODE = re.compile(r"[0-7]{1,4}")
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown(2), so it is no one's id
 
-_COMPONENT = r"[a-z0-9]+(?:[._-][a-z0-9]+)*"
-_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_IMAGE_REFERENCE = re.compile(
-    rf"(?:(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*:[0-9]{{1,5}}|{_HOST_LABEL}(?:\.{_HOST_LABEL})+|localhost)/)?"
-    rf"{_COMPONENT}(?:/{_COMPONENT})*"
-    r"(?::[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?"
-    r"(?:@sha256:[0-9a-f]{64})?"
-)
 
 _UNSUPPORTED: dict[str, str] = {
     "ADD": "use COPY (ADD's URL downloads and archive unpacking are left out on purpose)",
@@ -346,7 +340,7 @@ def _parse_from(line: int, text: str, rest: str, workdir: str) -> From:
     if len(words) != 1:
         raise _Reject("FROM takes exactly one image")
     image = words[0]
-    if image not in ("scratch", "host") and not _IMAGE_REFERENCE.fullmatch(image):
+    if image not in ("scratch", "host") and not REFERENCE_RE.fullmatch(image):
         raise _Reject(f"invalid image reference {image!r}: expected scratch, host, NAME[:TAG] or "
                       "[REGISTRY[:PORT]/]PATH[:TAG][@sha256:DIGEST], with lower-case names")
     return From(line=line, keyword="FROM", text=text, image=image)

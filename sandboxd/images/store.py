@@ -10,6 +10,8 @@ names for images.
                          config; the name is the sha256 of the file's bytes: the image's id
       refs.json          "name:tag" -> image id
       cache/<hex>.json   the build cache: a step's key -> the layer it made
+      downloads/<hex>    blobs being pulled; an interrupted pull leaves its part here to resume
+      sources.json       blob -> the registry repositories known to hold it (for cross-repo mounts)
       tmp/               work in progress; what a crash leaves here is removed later
       store.lock         flock: one writer of names at a time
 
@@ -30,19 +32,18 @@ import secrets
 import shutil
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from sandboxd.images import Image, ImageMount
 from sandboxd.images.layer import HashingStream, LayerError, Owner, unpack_layer
+from sandboxd.images.reference import ReferenceError, split_reference
 
 RESERVED_NAMES = ("host", "scratch")
-DEFAULT_TAG = "latest"
 STALE_TMP_S = 3600.0
-_NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+MAX_SOURCES_PER_BLOB = 8
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -117,18 +118,17 @@ class ImageRecord:
 
 
 def parse_reference(reference: str) -> str:
-    """`NAME[:TAG]` as the canonical "name:tag"; ImageStoreError names what is wrong."""
-    name, colon, tag = reference.rpartition(":")
-    if not colon:
-        name, tag = reference, DEFAULT_TAG
-    if not _NAME_RE.match(name) or len(name) > 255:
-        raise ImageStoreError(f"invalid image name {reference!r}: lower-case letters, digits and "
-                              "'.', '_', '-' between them, '/' between components")
-    if not _TAG_RE.match(tag):
-        raise ImageStoreError(f"invalid tag in {reference!r}: letters, digits, '.', '_', '-' (up to 128)")
-    if name in RESERVED_NAMES:
-        raise ImageStoreError(f"{name!r} is a built-in name")
-    return f"{name}:{tag}"
+    """`[REGISTRY[:PORT]/]NAME[:TAG]` as the canonical "name:tag"; ImageStoreError names what is
+    wrong. A store names images by tag: a digest is the registry's business."""
+    try:
+        parsed = split_reference(reference)
+    except ReferenceError as error:
+        raise ImageStoreError(str(error)) from None
+    if parsed.digest:
+        raise ImageStoreError(f"{reference!r}: local images are named NAME[:TAG], without a digest")
+    if parsed.name in RESERVED_NAMES:
+        raise ImageStoreError(f"{parsed.name!r} is a built-in name")
+    return parsed.local_name()
 
 
 def _hex(diff_id: str) -> str:
@@ -173,14 +173,21 @@ class ImageStore:
         return path
 
     def remove_stale_tmp(self) -> None:
-        """What interrupted writers (a crash, a kill) left in tmp/ an hour or more ago."""
+        """What interrupted writers (a crash, a kill) left in tmp/ an hour or more ago, and
+        downloads no one has resumed for as long."""
         now = time.time()
-        if not (self.root / "tmp").is_dir():
-            return
-        for entry in (self.root / "tmp").iterdir():
-            started = entry.name.partition("-")[0]
-            if started.isdigit() and now - int(started) > STALE_TMP_S:
-                remove_tree(entry)
+        if (self.root / "tmp").is_dir():
+            for entry in (self.root / "tmp").iterdir():
+                started = entry.name.partition("-")[0]
+                if started.isdigit() and now - int(started) > STALE_TMP_S:
+                    remove_tree(entry)
+        if (self.root / "downloads").is_dir():
+            for entry in (self.root / "downloads").iterdir():
+                try:
+                    if now - entry.lstat().st_mtime > STALE_TMP_S:
+                        entry.unlink()
+                except FileNotFoundError:
+                    pass
 
     # --- layers ----------------------------------------------------------------------------
 
@@ -201,23 +208,43 @@ class ImageStore:
             return None
         return layer if self.has_layer(diff_id) and self.blob_path(layer.blob).is_file() else None
 
+    def known_layer(self, diff_id: str, blob: str) -> LayerRef | None:
+        """The layer, as that blob, if both are in the store. One layer may come as several
+        blobs (plain, gzip): an image refers to the blob it came as, and leaves the store so."""
+        known = self.layer(diff_id)
+        if known is None or not self.blob_path(blob).is_file():
+            return None
+        path = self.blob_path(blob)
+        return LayerRef(known.diff_id, known.size_bytes, blob, path.stat().st_size, _media_type(path))
+
     def add_layer(self, stream: BinaryIO, expected_diff_id: str | None = None,
                   expected_blob: str | None = None) -> LayerRef:
         """Unpack a layer tar (plain or gzip) into the store, and keep the tar as received (its
         blob), once: a layer that is there already is not unpacked again. LayerError for a
         bad or unsafe tar, or one whose digests are not the expected ones; nothing of it
         stays behind."""
-        if expected_diff_id is not None and expected_blob is not None and self.blob_path(expected_blob).is_file() \
-                and (known := self.layer(expected_diff_id)) is not None:
-            # Both there already. One layer may come as several blobs (plain, gzip): an image
-            # refers to the blob it came with, so that it leaves the store as it came in.
-            return LayerRef(known.diff_id, known.size_bytes, expected_blob, self.blob_path(expected_blob).stat().st_size,
-                            _media_type(self.blob_path(expected_blob)))
+        if expected_diff_id is not None and expected_blob is not None \
+                and (known := self.known_layer(expected_diff_id, expected_blob)) is not None:
+            return known
+        return self._add_layer(stream, expected_diff_id, expected_blob, downloaded=None)
+
+    def add_layer_file(self, path: Path, expected_diff_id: str, expected_blob: str) -> LayerRef:
+        """add_layer() of a downloaded blob, which is moved into blobs/ rather than copied."""
+        if (known := self.known_layer(expected_diff_id, expected_blob)) is not None:
+            path.unlink(missing_ok=True)
+            return known
+        with open(path, "rb") as stream:
+            return self._add_layer(stream, expected_diff_id, expected_blob, downloaded=path)
+
+    def _add_layer(self, stream: BinaryIO, expected_diff_id: str | None, expected_blob: str | None,
+                   downloaded: Path | None) -> LayerRef:
         work = self._new_tmp()
         try:
             tree = work / "tree"
             tree.mkdir(mode=0o755)
-            with open(work / "blob", "xb") as copy:
+            blob_file = downloaded or work / "blob"
+            with ExitStack() as stack:
+                copy = None if downloaded else stack.enter_context(open(blob_file, "xb"))
                 tee = HashingStream(stream, copy)
                 reader = io.BufferedReader(tee)
                 info = unpack_layer(reader, str(tree), self.owner)
@@ -228,9 +255,9 @@ class ImageStore:
                 raise LayerError(f"the layer's digest is {info.diff_id}, not the expected {expected_diff_id}")
             if expected_blob is not None and blob != expected_blob:
                 raise LayerError(f"the layer blob's digest is {blob}, not the expected {expected_blob}")
-            layer = LayerRef(info.diff_id, info.size_bytes, blob, tee.size_bytes, _media_type(work / "blob"))
+            layer = LayerRef(info.diff_id, info.size_bytes, blob, tee.size_bytes, _media_type(blob_file))
             self.blob_path(blob).parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-            os.replace(work / "blob", self.blob_path(blob))
+            os.replace(blob_file, self.blob_path(blob))
             (work / "layer.json").write_text(json.dumps(asdict(layer)))
             final = self.layer_dir(info.diff_id)
             try:
@@ -243,6 +270,35 @@ class ImageStore:
             return layer
         finally:
             remove_tree(work)
+
+    # --- downloads, and where blobs were seen -------------------------------------------------
+
+    def download_path(self, blob: str) -> Path:
+        """Where a blob is downloaded to: kept when a pull is interrupted, so the next resumes."""
+        directory = self.root / "downloads"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory / _hex(blob)
+
+    def blob_sources(self, blob: str, registry: str) -> list[str]:
+        """Repositories of `registry` known to hold `blob` (it was pulled from or pushed there)."""
+        try:
+            sources = json.loads((self.root / "sources.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [repository for where in sources.get(blob, ()) for host, _, repository in [where.partition("/")]
+                if host == registry]
+
+    def note_blob_sources(self, blobs: list[str], registry: str, repository: str) -> None:
+        with self.locked():
+            try:
+                sources = json.loads((self.root / "sources.json").read_bytes())
+            except (FileNotFoundError, ValueError):
+                sources = {}
+            where = f"{registry}/{repository}"
+            for blob in blobs:
+                known = [source for source in sources.get(blob, []) if source != where]
+                sources[blob] = ([where] + known)[:MAX_SOURCES_PER_BLOB]
+            self._write_json("sources.json", sources)
 
     # --- the build cache: a step's key -> the layer it made ---------------------------------
 
@@ -303,10 +359,13 @@ class ImageStore:
             return {}
 
     def _write_refs(self, refs: dict[str, str]) -> None:
+        self._write_json("refs.json", refs)
+
+    def _write_json(self, name: str, document: dict) -> None:
         work = self._new_tmp()
         try:
-            (work / "refs.json").write_text(json.dumps(refs, sort_keys=True, indent=1))
-            os.rename(work / "refs.json", self.root / "refs.json")
+            (work / name).write_text(json.dumps(document, sort_keys=True, indent=1))
+            os.rename(work / name, self.root / name)
         finally:
             remove_tree(work)
 

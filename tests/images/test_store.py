@@ -97,10 +97,19 @@ def test_names_resolve_to_their_image_and_default_to_latest(store):
 
 
 @pytest.mark.parametrize("reference", ["Judge", "judge:", "judge:-x", "/abs", "a//b", "host", "scratch",
-                                       "registry.example:5000/x", "a" * 300, "judge:" + "t" * 129])
+                                       "judge@sha256:" + "0" * 64, "a" * 300, "judge:" + "t" * 129])
 def test_invalid_or_reserved_names_are_refused(reference):
     with pytest.raises(ImageStoreError):
         parse_reference(reference)
+
+
+@pytest.mark.parametrize(("reference", "canonical"), [
+    ("registry.example:5000/team/x", "registry.example:5000/team/x:latest"),
+    ("127.0.0.1:5000/x:1.0", "127.0.0.1:5000/x:1.0"),
+    ("localhost/x", "localhost/x:latest"),
+])
+def test_names_of_pulled_images_keep_their_registry(reference, canonical):
+    assert parse_reference(reference) == canonical
 
 
 def test_an_image_whose_layer_is_missing_is_not_listed_nor_resolved(store):
