@@ -14,6 +14,7 @@ import pytest
 from conftest import job, leftover_job_cgroups, run_once
 from sandboxd.images.build import BuildError, build_image
 from sandboxd.images.spec import parse_spec
+from sandboxd.images.store import ImageStore
 
 
 @pytest.fixture
@@ -143,3 +144,17 @@ def test_the_cli_builds_lists_inspects_removes_and_prunes(build_state, tmp_path)
     (bad / "Imagefile").write_text("FROM host\nADD x /y\n")
     refused = cli("build", "-t", "bad:1", str(bad))
     assert refused.returncode == 2 and "Imagefile:2:" in refused.stderr
+
+
+def test_two_builds_of_one_image_at_once_both_succeed_and_leave_one_consistent_store(build_state, tmp_path):
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Imagefile").write_text("FROM host\nCOPY Imagefile /opt/spec\nRUN mkdir -p /opt/made && echo x > /opt/made/x\n")
+    argv = [sys.executable, "-m", "sandboxd", "image", "build", "-t", "twice:1", "--state-dir", str(build_state),
+            str(context)]
+    builds = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [build.communicate(timeout=120)[0].decode() for build in builds]
+    assert [build.returncode for build in builds] == [0, 0], outputs
+    assert [name for name, _, _ in ImageStore(build_state).list_images()] == ["twice:1"]
+    result = _run(build_state, "twice:1", ["cat", "/opt/spec", "/opt/made/x"])
+    assert (result.status, result.stdout.decode().splitlines()[-1]) == ("ok", "x")
