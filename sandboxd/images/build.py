@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Iterator, TextIO
 
 from sandboxd.images import BUILD_STEP_PREFIX, resolve_image
 from sandboxd.images.auth import CredentialsError
-from sandboxd.images.layer import LayerError, pack_layer, pack_layers
+from sandboxd.images.layer import LayerError, pack_layer
 from sandboxd.images.spec import Copy, Env, Instruction, Label, Run, Spec, User, Workdir
 from sandboxd.images.reference import ReferenceError, remote_reference
 from sandboxd.images.registry import RegistryError
@@ -273,7 +273,7 @@ def _run_layer(step: Run, state: _State, store: ImageStore, state_dir: Path, run
                 prefix = mount.target.strip("/")
                 sources.append((prefix + "/" if prefix else "", str(layer_dir)))
         with open(work / "layer.tar", "w+b") as tar:
-            pack_layers(sources, tar, _inside_ids(state_dir))
+            store.ownership.pack(sources, tar, _inside_ids(state_dir))
             tar.seek(0)
             return store.add_layer(tar)
 

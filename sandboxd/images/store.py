@@ -14,6 +14,8 @@ names for images.
       sources.json       blob -> the registry repositories known to hold it (for cross-repo mounts)
       tmp/               work in progress; what a crash leaves here is removed later
       store.lock         flock: one writer of names at a time
+      ownership.json     how layers' owners were unpacked (sandboxd.images.owners); a store
+                         holding layers without it is from before owners were kept: all ours
 
 Whatever exists under layers/, blobs/ and records/ is complete: each is written in tmp/ and
 renamed into place. A name is written last, under the lock, so `list_images()` never shows
@@ -38,7 +40,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from sandboxd.images import Image, ImageMount
-from sandboxd.images.layer import HashingStream, LayerError, Owner, unpack_layer
+from sandboxd.images.layer import HashingStream, LayerError
+from sandboxd.images.owners import Ownership, container_ownership
 from sandboxd.images.reference import ReferenceError, split_reference
 
 RESERVED_NAMES = ("host", "scratch")
@@ -53,7 +56,8 @@ _LISTINGS: dict[str, tuple[tuple, list]] = {}  # store root -> (its change key, 
 def remove_tree(path: Path) -> None:
     """shutil.rmtree, also through directories of ours without permissions: overlay leaves its
     work dir mode 000 in a build step's writable layer, and a rootless builder is not root.
-    What is not ours (a subordinate uid's) stays, for remove_stale_tmp() to try again."""
+    What is not ours (a subordinate uid's, rootless) is then removed in a user namespace
+    mapped as containers are; what still fails stays, for remove_stale_tmp() to try again."""
 
     def unlock(function, failed_path: str, exc_info) -> None:
         try:
@@ -65,6 +69,25 @@ def remove_tree(path: Path) -> None:
             shutil.rmtree(failed_path, ignore_errors=True)
 
     shutil.rmtree(path, onerror=unlock)
+    if os.geteuid() != 0 and os.path.lexists(path):
+        try:
+            container_ownership().remove(str(path))
+        except OSError:
+            pass
+
+
+def _held(path: Path) -> bool:
+    """Whether a download's lock file is held: a long download must keep its lock."""
+    if path.suffix != ".lock":
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class ImageStoreError(ValueError):
@@ -138,17 +161,59 @@ def _hex(diff_id: str) -> str:
     return match.group(1)
 
 
+def _describe(record: dict | None) -> str:
+    if record is None or record.get("owners") == "ours":
+        return "all the store's user's (no subordinate ids, or from before owners were kept)"
+    if record.get("owners") != "mapped":
+        return "in an unknown way (ownership.json is unreadable)"
+    ranges = ", ".join(f"{inside}->{outside} ({count})" for inside, outside, count in record["uid_ranges"])
+    return f"with uids mapped {ranges}"
+
+
 def _media_type(blob: Path) -> str:
     with open(blob, "rb") as file:
         return GZIP_LAYER_MEDIA_TYPE if file.read(2) == b"\x1f\x8b" else LAYER_MEDIA_TYPE
 
 
 class ImageStore:
-    def __init__(self, state_dir: Path, owner: Owner | None = None) -> None:
+    def __init__(self, state_dir: Path, ownership: Ownership | None = None) -> None:
         """Reading needs nothing on disk; the first write makes the store's directories.
-        owner maps a layer's ids to the host's when unpacking (None: all ours)."""
+        ownership says how a layer's owners are unpacked (None: as the containers this user
+        runs map them, see sandboxd.images.owners)."""
         self.root = Path(state_dir) / "images"
-        self.owner = owner
+        self._ownership = ownership
+        self._ownership_checked = False
+
+    @property
+    def ownership(self) -> Ownership:
+        if self._ownership is None:
+            self._ownership = container_ownership()
+        return self._ownership
+
+    def _check_ownership(self) -> None:
+        """Before unpacking: the store's layers must all have owners unpacked the same way.
+        A store without layers takes this one's; one holding layers of another (or from
+        before owners were kept: all ours) is refused, not mixed."""
+        if self._ownership_checked:
+            return
+        wanted = self.ownership.record()
+        with self.locked():
+            try:
+                recorded = json.loads((self.root / "ownership.json").read_bytes())
+            except FileNotFoundError:
+                recorded = None
+            except ValueError:
+                recorded = {"owners": "unreadable"}
+            if recorded != wanted:
+                layers = any(path.is_dir() for path in (self.root / "layers").iterdir())
+                if layers and (recorded or {"owners": "ours"}) != wanted:
+                    raise ImageStoreError(
+                        f"the image store {self.root} holds layers whose owners were unpacked "
+                        f"{_describe(recorded)}, but containers now map ids {_describe(wanted)}; "
+                        "remove its images (sandboxd image rm NAME for each, then sandboxd image prune) "
+                        "and build or pull them again")
+                self._write_json("ownership.json", wanted)
+        self._ownership_checked = True
 
     def _ensure_dirs(self) -> None:
         for directory in (self.root, self.root / "layers", self.root / "records", self.root / "tmp"):
@@ -184,7 +249,7 @@ class ImageStore:
         if (self.root / "downloads").is_dir():
             for entry in (self.root / "downloads").iterdir():
                 try:
-                    if now - entry.lstat().st_mtime > STALE_TMP_S:
+                    if now - entry.lstat().st_mtime > STALE_TMP_S and not _held(entry):
                         entry.unlink()
                 except FileNotFoundError:
                     pass
@@ -238,6 +303,7 @@ class ImageStore:
 
     def _add_layer(self, stream: BinaryIO, expected_diff_id: str | None, expected_blob: str | None,
                    downloaded: Path | None) -> LayerRef:
+        self._check_ownership()
         work = self._new_tmp()
         try:
             tree = work / "tree"
@@ -247,7 +313,7 @@ class ImageStore:
                 copy = None if downloaded else stack.enter_context(open(blob_file, "xb"))
                 tee = HashingStream(stream, copy)
                 reader = io.BufferedReader(tee)
-                info = unpack_layer(reader, str(tree), self.owner)
+                info = self.ownership.unpack(reader, str(tree))
                 while reader.read(1 << 20):
                     pass  # whatever follows the tar's end is part of the blob
             blob = "sha256:" + tee.sha256.hexdigest()
