@@ -8,6 +8,7 @@ code: nothing here touches the host's mount table.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 
 from sandboxd.images import ImageMount
@@ -36,7 +37,28 @@ PROC_READ_ONLY = ("bus", "fs", "irq", "sys", "sysrq-trigger")
 
 
 class MountPlanError(ValueError):
-    """A path cannot be passed to OverlayFS safely."""
+    """An image or a path cannot be given to OverlayFS."""
+
+
+# OverlayFS stacks at most this many lower layers in one mount (OVL_MAX_STACK).
+OVERLAY_MAX_LOWER_LAYERS = 500
+# mount(2) copies one page of options and cuts off the rest: a lowerdir list of the store's
+# absolute paths (~80 bytes each) would overflow it at a few dozen layers. So each lower dir
+# is opened and named by its descriptor, relative to our /proc/self/fd (a few bytes each).
+_FD_DIR = "/proc/self/fd"
+_FD_NAME_BYTES = 5  # what the plan allows per lower dir: a descriptor number below 10000, ':'
+_LOWER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _overlay_options(lower_names: list[str], upper: str, work: str) -> str:
+    return f"lowerdir={':'.join(lower_names)},upperdir={upper},workdir={work},userxattr"
+
+
+def _check_options_size(options: str, target: str, layer_count: int) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    if len(options.encode()) >= page:  # the last byte of the page is the terminating NUL
+        raise MountPlanError(f"the overlay at {target} with {layer_count} layers needs {len(options.encode())} "
+                             f"bytes of mount options, more than the limit of {page - 1}")
 
 
 @dataclass(frozen=True)
@@ -51,28 +73,89 @@ class RootfsPlan:
     upper_dir: str | None = None  # an image build's step: writable layers here, kept after it
 
     def __post_init__(self) -> None:
-        for image_mount in self.image_mounts:
-            for path in (image_mount.target, *image_mount.lowerdirs):
-                # OverlayFS splits its options on ',' and lowerdir on ':'.
-                if not path.startswith("/") or any(char in path for char in ",:\\\n"):
-                    raise MountPlanError(f"path {path!r} cannot be used in an overlay mount")
-        if self.upper_dir is not None and (not self.upper_dir.startswith("/")
-                                           or any(char in self.upper_dir for char in ",:\\\n")):
-            raise MountPlanError(f"path {self.upper_dir!r} cannot be used in an overlay mount")
         if not self.image_mounts or self.image_mounts[0].target != "/":
             raise MountPlanError("an image's first mount must be its root '/'")
+        # upperdir and workdir are paths below one of these, in the options OverlayFS parses:
+        # it splits them on ',' and unescapes '\\' (':' splits only lowerdir, whose entries
+        # are descriptor numbers).
+        layers = self.upper_dir or self.scratch_dir
+        if not layers.startswith("/") or any(char in layers for char in ",\\"):
+            raise MountPlanError(f"path {layers!r} cannot be used in an overlay mount")
+        for index, image_mount in enumerate(self.image_mounts):
+            if not image_mount.target.startswith("/"):
+                raise MountPlanError(f"mount point {image_mount.target!r} is not an absolute path")
+            if not image_mount.lowerdirs:
+                raise MountPlanError(f"the overlay at {image_mount.target} has no layers")
+            for path in image_mount.lowerdirs:
+                if not path.startswith("/"):
+                    raise MountPlanError(f"layer {path!r} is not an absolute path")
+            count = len(image_mount.lowerdirs)
+            if count > OVERLAY_MAX_LOWER_LAYERS:
+                raise MountPlanError(f"the overlay at {image_mount.target} has {count} layers, more than "
+                                     f"OverlayFS's limit of {OVERLAY_MAX_LOWER_LAYERS}")
+            options = _overlay_options(["9" * (_FD_NAME_BYTES - 1)] * count, f"{layers}/upper{index}",
+                                       f"{layers}/work{index}")
+            _check_options_size(options, image_mount.target, count)
+
+
+def _open_lower_dirs(paths: tuple[str, ...]) -> list[int]:
+    """O_PATH descriptors of the lower dirs, top first; none of them a symlink."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = len(paths) + 64  # and what this process has open
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        # Ours alone: the job's own limits replace this process's before it starts.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    fds: list[int] = []
+    try:
+        for path in paths:
+            try:
+                fds.append(os.open(path, _LOWER_FLAGS))
+            except OSError as error:
+                raise OSError(error.errno, f"layer {path}: {error.strerror}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _mount_overlays(plan: RootfsPlan, root: str) -> None:
-    for index, image_mount in enumerate(plan.image_mounts):
-        layers = plan.upper_dir or plan.scratch_dir
-        upper = f"{layers}/upper{index}"
-        work = f"{layers}/work{index}"
-        os.mkdir(upper, 0o755)
-        os.mkdir(work, 0o700)
-        target = root if image_mount.target == "/" else root + image_mount.target
-        options = f"lowerdir={':'.join(image_mount.lowerdirs)},upperdir={upper},workdir={work},userxattr"
-        mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
+    """The overlays, each over descriptors of its lower dirs that OverlayFS resolves, at
+    mount time, through the magic links in our /proc/self/fd: our mount namespace is a copy
+    of the host's, so /proc is still the host's proc (it sees us, as it sees its own pid
+    namespace's descendants). The links are checked to lead to what was opened."""
+    try:
+        os.chdir(_FD_DIR)
+    except OSError as error:
+        raise OSError(error.errno, f"{_FD_DIR}, where an image's layers are named: {error.strerror}") from None
+    try:
+        for index, image_mount in enumerate(plan.image_mounts):
+            layers = plan.upper_dir or plan.scratch_dir
+            upper = f"{layers}/upper{index}"
+            work = f"{layers}/work{index}"
+            os.mkdir(upper, 0o755)
+            os.mkdir(work, 0o700)
+            target = root if image_mount.target == "/" else root + image_mount.target
+            fds = _open_lower_dirs(image_mount.lowerdirs)
+            try:
+                for fd, path in zip(fds, image_mount.lowerdirs):
+                    opened = os.fstat(fd)
+                    try:
+                        seen = os.stat(str(fd))
+                    except OSError:
+                        seen = None
+                    if seen is None or (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino):
+                        raise MountPlanError(f"{_FD_DIR}/{fd} does not lead to the layer {path} opened as it")
+                options = _overlay_options([str(fd) for fd in fds], upper, work)
+                _check_options_size(options, image_mount.target, len(fds))
+                mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    finally:
+        os.chdir("/")
 
 
 def _mount_proc(root: str) -> None:
