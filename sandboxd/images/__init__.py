@@ -38,6 +38,8 @@ class Image:
 
 
 BUILD_STEP_PREFIX = "@build/"  # + an image id: a build step's view, its own USER kept
+# OverlayFS stacks at most 500 lower dirs in one mount; a base (host) adds a few of its own.
+MAX_IMAGE_LAYERS = 490
 
 
 def available_images(state_dir: Path) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, TextIO
 
-from sandboxd.images import BUILD_STEP_PREFIX, resolve_image
+from sandboxd.images import BUILD_STEP_PREFIX, MAX_IMAGE_LAYERS, resolve_image
 from sandboxd.images.auth import CredentialsError
 from sandboxd.images.layer import LayerError, pack_layer
 from sandboxd.images.spec import Copy, Env, Instruction, Label, Run, Spec, User, Workdir
@@ -302,6 +302,9 @@ def build_image(spec: Spec, spec_name: str, context: Path, reference: str, state
             step_started = time.monotonic()
             record = state.record
             if isinstance(step, (Copy, Run)):
+                if len(record.layers) >= MAX_IMAGE_LAYERS:
+                    raise BuildError(f"{spec_name}:{step.line}: this step would make layer {len(record.layers) + 1}: "
+                                     f"containers stack at most {MAX_IMAGE_LAYERS}; merge steps")
                 if isinstance(step, Copy):
                     planned = _copy_plan(step, context_fd, spec_name)
                     key = _key(state.key, step.keyword, repr(step.sources), step.destination,

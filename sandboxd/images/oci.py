@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandboxd.images import MAX_IMAGE_LAYERS
 from sandboxd.images.layer import LayerError
 from sandboxd.images.store import (GZIP_LAYER_MEDIA_TYPE, LAYER_MEDIA_TYPE, ImageRecord, ImageStore,
                                    ImageStoreError, parse_reference)
@@ -148,6 +149,8 @@ def check_layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[tuple
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(layers, list) or not isinstance(diff_ids, list) or len(layers) != len(diff_ids):
         raise OciError("the manifest's layers and the config's diff_ids do not match one to one")
+    if len(layers) > MAX_IMAGE_LAYERS:
+        raise OciError(f"the image has {len(layers)} layers: containers stack at most {MAX_IMAGE_LAYERS}")
     checked = []
     for index, (raw, diff_id) in enumerate(zip(layers, diff_ids)):
         media_type, digest, size = _descriptor(raw, f"layer {index}")

@@ -158,3 +158,12 @@ def test_two_builds_of_one_image_at_once_both_succeed_and_leave_one_consistent_s
     assert [name for name, _, _ in ImageStore(build_state).list_images()] == ["twice:1"]
     result = _run(build_state, "twice:1", ["cat", "/opt/spec", "/opt/made/x"])
     assert (result.status, result.stdout.decode().splitlines()[-1]) == ("ok", "x")
+
+
+def test_a_step_beyond_the_layers_containers_stack_names_its_line(build_state, tmp_path, monkeypatch):
+    import sandboxd.images.build
+
+    monkeypatch.setattr(sandboxd.images.build, "MAX_IMAGE_LAYERS", 2)
+    (tmp_path / "a").write_text("a")
+    with pytest.raises(BuildError, match="Imagefile:4: this step would make layer 3: containers stack at most 2"):
+        _build(build_state, tmp_path, "FROM scratch\nCOPY a /a\nCOPY a /b\nCOPY a /c\n")

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from conftest import job, run_once
 from registryd import Registry, start_registry
+from sandboxd.images import MAX_IMAGE_LAYERS
 from sandboxd.images.build import build_image
 from sandboxd.images.oci import OCI_INDEX, save_image
 from sandboxd.images.pull import pull_image
@@ -352,6 +353,8 @@ class _Hostile:
             archive.addfile(info, io.BytesIO(b"hello from a layer\n"))
         self.layer = layer.getvalue()
         self.config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_digest(self.layer)]}}).encode()
+        self.deep_config = json.dumps({"rootfs": {"type": "layers",
+                                                  "diff_ids": [_digest(self.layer)] * (MAX_IMAGE_LAYERS + 1)}}).encode()
         self.cut_once: set[str] = set()
 
     def manifest(self, layer_size: int) -> bytes:
@@ -369,8 +372,9 @@ class _Hostile:
         repository = path[len("/v2/"):].partition("/")[0]  # its first component: /v2/<this>/app/...
         manifest_type = "application/vnd.oci.image.manifest.v1+json"
         if "/blobs/" in path:
-            if path.endswith(_digest(self.config)):
-                return web.Response(body=self.config)
+            for config in (self.config, self.deep_config):
+                if path.endswith(_digest(config)):
+                    return web.Response(body=config)
             if repository in ("cut", "flaky") and repository not in self.cut_once:
                 if repository == "flaky":
                     self.cut_once.add(repository)
@@ -392,6 +396,11 @@ class _Hostile:
             return web.json_response({"errors": [{"code": "UNKNOWN", "message": "disk on fire"}]}, status=500)
         if repository == "oversized":
             return web.Response(body=self.manifest(10), content_type=manifest_type)
+        if repository == "deep":  # more layers than OverlayFS stacks
+            manifest = json.loads(self.manifest(len(self.layer)))
+            manifest["layers"] *= MAX_IMAGE_LAYERS + 1
+            manifest["config"].update(digest=_digest(self.deep_config), size=len(self.deep_config))
+            return web.Response(body=json.dumps(manifest).encode(), content_type=manifest_type)
         return web.Response(body=self.manifest(len(self.layer)), content_type=manifest_type)
 
 
@@ -425,6 +434,7 @@ def hostile():
     ("broken", r"answered 500 .*UNKNOWN: disk on fire"),
     ("oversized", "larger than the 10 bytes its manifest says"),
     ("cut", "was cut short at 5120 of 10240 bytes"),
+    ("deep", f"the image has {MAX_IMAGE_LAYERS + 1} layers: containers stack at most {MAX_IMAGE_LAYERS}"),
 ])
 def test_what_a_hostile_registry_sends_is_refused(tmp_path, hostile, repository, message):
     state = _state(tmp_path, "pulled")
