@@ -18,6 +18,8 @@ from aiohttp import web
 
 from sandboxd.api.http import ServiceContext, create_app
 from sandboxd.images import available_images
+from sandboxd.judge.languages import LanguageError, load_languages
+from sandboxd.judge.service import JudgeService
 from sandboxd.limits import default_limit_policy
 from sandboxd.log import configure_logging
 from sandboxd.metrics import ServiceMetrics
@@ -93,6 +95,10 @@ async def serve(options: ServeOptions) -> int:
     log = configure_logging(options.log_level)
     state_dir = options.state_dir
     state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    try:
+        languages = load_languages()
+    except LanguageError as error:
+        raise ServeError(str(error)) from None
     lock_fd = _lock_state_dir(state_dir)
     db_path = open_database(state_dir)
     writer, reader = Writer(db_path), Reader(db_path)
@@ -106,10 +112,13 @@ async def serve(options: ServeOptions) -> int:
         scheduler = Scheduler(writer=writer, reader=reader, runner=launcher, workers=options.workers,
                               max_queue=options.max_queue, metrics=metrics, log=log)
         await scheduler.recover()
+        judge = JudgeService(languages=languages, scheduler=scheduler, writer=writer, reader=reader,
+                             run=launcher.run, log=log)
+        await judge.start()  # after the scheduler's recovery: it cancels what that requeued
         draining = False
         context = ServiceContext(scheduler=scheduler, reader=reader, policy=default_limit_policy(),
                                  images=lambda: available_images(state_dir), metrics=metrics, log=log,
-                                 draining=lambda: draining)
+                                 draining=lambda: draining, judge=judge)
         runner = web.AppRunner(create_app(context), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port, reuse_address=True)
@@ -131,7 +140,11 @@ async def serve(options: ServeOptions) -> int:
         draining = True
         log.info("service.draining", grace_s=options.grace_s, running=scheduler.running_total)
         await site.stop()  # no new connections; open ones get their answers
-        await scheduler.drain(options.grace_s)
+        # One grace period for both: submissions being judged first (their jobs still run),
+        # then whatever jobs are left.
+        deadline = loop.time() + options.grace_s
+        await judge.drain(options.grace_s)
+        await scheduler.drain(max(0.0, deadline - loop.time()))
         log.info("service.stopped")
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Closing the loop would restore the default action, and a second SIGTERM while

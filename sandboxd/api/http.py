@@ -7,7 +7,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -23,6 +23,9 @@ from sandboxd.store.db import Reader
 from sandboxd.store.jobs import JobFilter, get_job, list_jobs
 from sandboxd.store.tenants import Tenant, hash_key, tenant_by_key
 from sandboxd.store.usage import UsageQueryError, parse_usage_query, usage_csv, usage_report
+
+if TYPE_CHECKING:
+    from sandboxd.judge.service import JudgeService
 
 MAX_BODY_BYTES = 16 << 20
 MAX_WAIT_S = 300.0
@@ -45,6 +48,7 @@ class ServiceContext:
     metrics: ServiceMetrics
     log: Any
     draining: Callable[[], bool]
+    judge: JudgeService | None = None  # None: no judging routes answer (503)
 
 
 def job_object(record: JobRecord) -> dict[str, Any]:
@@ -316,4 +320,8 @@ def create_app(context: ServiceContext) -> web.Application:
     app.router.add_get("/v1/images", api.images)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)
+    # Imported here: the submissions routes use this module's helpers.
+    from sandboxd.api.submissions import add_routes
+
+    add_routes(app, context)
     return app

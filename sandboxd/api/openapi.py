@@ -6,6 +6,8 @@ from typing import Any
 
 from sandboxd.job import STATUSES
 from sandboxd.jobs import STATES
+from sandboxd.judge.judging import VERDICTS
+from sandboxd.store.submissions import SUBMISSION_STATES
 from sandboxd.limits import LIMIT_FIELDS
 
 
@@ -91,6 +93,58 @@ SCHEMAS: dict[str, Any] = {
             "result": {"oneOf": [_ref("Result"), {"type": "null"}]},
         },
     },
+    "SubmissionRequest": {
+        "type": "object",
+        "required": ["language", "source", "tests"],
+        "additionalProperties": False,
+        "properties": {
+            "language": {"type": "string", "description": "A language id of GET /v1/languages"},
+            "source": {**_ref("Content"), "description": "Non-empty, at most 1 MiB"},
+            "tests": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "description": "Default: its position, from 1"},
+                    "stdin": _ref("Content"),
+                    "expected_output": {**_ref("Content"), "description": "None: any output is accepted"},
+                    "limits": {"type": "object", "description": "This test's run limits (as a job's)"}}},
+                "description": "Inputs and expected outputs at most 16 MiB together"},
+            "checker": {"oneOf": [{"enum": ["exact", "lines", "tokens", "float"]}, {"type": "object", "properties": {
+                "type": {"enum": ["exact", "lines", "tokens", "float", "program"]},
+                "absolute_tolerance": {"type": "number"}, "relative_tolerance": {"type": "number"},
+                "language": {"type": "string"}, "source": {"type": "string"}}}], "default": "lines"},
+            "limits": {"type": "object", "description": "Run limits of every test (as a job's)"},
+            "stop_on_first_failure": {"type": "boolean", "default": False},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"},
+                       "description": "Copied to every job; 'submission' and 'role' are the service's"},
+        },
+    },
+    "Submission": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "tenant": {"type": "string"},
+            "state": {"enum": list(SUBMISSION_STATES)}, "language": {"type": "string"},
+            "verdict": {"oneOf": [{"enum": [v for v in VERDICTS if v != "skipped"]}, {"type": "null"}]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "finished_at": {"type": ["string", "null"], "format": "date-time"},
+            "message": {"type": ["string", "null"]},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "compile": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+                "status": {"enum": list(STATUSES)}, "exit_code": {"type": ["integer", "null"]},
+                "output": {"type": "string", "description": "The start of the compiler's diagnostics"},
+                "cpu_time_ms": {"type": "number"}, "wall_time_ms": {"type": "number"},
+                "memory_peak_bytes": {"type": "integer"}}}]},
+            "tests": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "verdict": {"enum": list(VERDICTS)}, "message": {"type": ["string", "null"]},
+                "status": {"type": ["string", "null"]}, "exit_code": {"type": ["integer", "null"]},
+                "signal": {"type": ["integer", "null"]}, "cpu_time_ms": {"type": ["number", "null"]},
+                "wall_time_ms": {"type": ["number", "null"]}, "memory_peak_bytes": {"type": ["integer", "null"]},
+                "stdout_excerpt": {"type": ["string", "null"]}, "stderr_excerpt": {"type": ["string", "null"]}}}},
+        },
+    },
+    "Language": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"}, "version": {"type": ["string", "null"]},
+        "status": {"enum": ["probing", "available", "unavailable"]}, "available": {"type": "boolean"},
+        "reason": {"type": ["string", "null"]}, "judge0_id": {"type": "integer"},
+        "piston": {"type": "array", "items": {"type": "string"}}}},
     "Usage": {"type": "object", "properties": {
         "from": {"type": ["string", "null"]}, "to": {"type": ["string", "null"]},
         "group_by": {"type": ["string", "null"]},
@@ -150,6 +204,24 @@ def openapi_document() -> dict[str, Any]:
             _param("group_by", "query", {"type": "string"}, "day, hour, image, status or label:NAME"),
             _param("format", "query", {"enum": ["json", "csv"]}, "Or Accept: text/csv"),
             _param("tenant", "query", {"type": "string"}, "Admins: one tenant")])},
+        "/v1/submissions": {"post": _operation(
+            "Judge a submission: compile once, run every test as jobs of the tenant (labelled "
+            "submission=ID, role=compile|test N|checker ...), check each output",
+            {"201": _json_body(_ref("Submission"), "Accepted (not finished yet)"),
+             "200": _json_body(_ref("Submission"), "Finished, with wait"), **_ERRORS, **_QUOTA},
+            body=_ref("SubmissionRequest"), parameters=[
+                _param("wait", "query", {"type": "boolean"}, "Answer when it is judged (or at the timeout)"),
+                _param("timeout", "query", {"type": "number", "maximum": 300}, "Seconds to wait (default 60)")])},
+        "/v1/submissions/{submission_id}": {"get": _operation(
+            "One submission", {"200": _json_body(_ref("Submission"), "The submission"),
+                               "404": _json_body(_ref("Error"), "No such submission for this tenant")},
+            parameters=[_param("submission_id", "path", {"type": "string"}, "Submission id", required=True)])},
+        "/v1/languages": {"get": _operation(
+            "The languages submissions may use, and whether this machine runs them",
+            {"200": _json_body({"type": "object", "properties": {"languages": {"type": "array", "items": _ref("Language")}}},
+                               "The catalogue"), **_ERRORS}, parameters=[
+                _param("wait", "query", {"type": "boolean"}, "Answer when every language is probed (or at the timeout)"),
+                _param("timeout", "query", {"type": "number", "maximum": 300}, "Seconds to wait (default 60)")])},
         "/v1/images": {"get": _operation("Images jobs can run over", {"200": _json_body({"type": "object"}, "Images")})},
         "/metrics": {"get": _operation("Prometheus metrics (admin key)", {
             "200": {"description": "Text exposition format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}},

@@ -55,7 +55,7 @@ PLACEHOLDERS: dict[str, Callable[[Limits], str]] = {
 _PLACEHOLDER_RE = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 _REQUIRED_KEYS = ("id", "name", "image", "source_file", "run", "version", "judge0_id", "piston", "probe")
-_OPTIONAL_KEYS = ("compile", "compile_limits", "run_limits")
+_OPTIONAL_KEYS = ("compile", "compile_limits", "run_limits", "memory_error")
 
 # The compile job's wrapper: the compiler's stdout joins its stderr, then /work goes to stdout
 # as a tar. `set -e`: a failed compile ends the job with the compiler's exit status.
@@ -85,6 +85,9 @@ class Language:
     judge0_id: int
     piston_names: tuple[str, ...]  # Piston's language name first, then its aliases
     probe_source: str
+    # What the runtime prints on stderr when the program ran out of the memory it may use
+    # before the kernel's limit was reached (a JVM's capped heap): a memory limit, not a crash.
+    memory_error: str | None = None
 
     def run_limits_with(self, overrides: Mapping[str, Any], policy: LimitPolicy | None = None,
                         where: str = "limits") -> Limits:
@@ -198,6 +201,7 @@ def _parse_language(table: Any, number: int, policy: LimitPolicy) -> Language:
         judge0_id=_judge0_id(table, where),
         piston_names=_piston_names(table, where),
         probe_source=_text(table, "probe", where),
+        memory_error=_text(table, "memory_error", where) if "memory_error" in table else None,
     )
 
 

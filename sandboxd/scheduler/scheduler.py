@@ -166,6 +166,11 @@ class Scheduler:
         if len(self._queue) + count > self.max_queue:
             raise QuotaError(503, "queue_full", f"the queue is full ({self.max_queue} jobs)", retry_after_s=1)
 
+    def admit(self, tenant: Tenant, count: int = 1) -> None:
+        """Raise QuotaError if `count` jobs of this tenant would be refused now (for work that
+        submits its jobs later, as a judged submission does)."""
+        self._check_quotas(tenant, count)
+
     async def submit(self, tenant: Tenant, requests: list[JobRequest]) -> list[JobRecord]:
         """Accept the jobs: committed to the database when this returns."""
         self._check_quotas(tenant, len(requests))

@@ -43,6 +43,9 @@ T = TypeVar("T")
 # - job_label_usage: per label of an ended job, what a report sums, keyed in the order of a
 #   report's range (label, tenant, finished_at): a label's jobs at a window's edges, read
 #   with no lookup per job. job_labels stays the index for listing jobs by label.
+# The submissions table (store/submissions.py) holds one row per judged submission: its
+# lifecycle, its overall verdict, and once finished the whole judgement as JSON (`result`:
+# message, compile, tests). Its jobs are ordinary jobs rows, labelled submission=<id>.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -132,6 +135,20 @@ CREATE TABLE IF NOT EXISTS job_outputs (
     stdout BLOB NOT NULL,
     stderr BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS submissions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    language TEXT NOT NULL,
+    state TEXT NOT NULL,
+    verdict TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    labels TEXT NOT NULL,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS submissions_tenant ON submissions (tenant, seq);
+CREATE INDEX IF NOT EXISTS submissions_state ON submissions (state, seq);
 """
 
 # usage_daily's report status, from a job's state and status (as in store/jobs.py).

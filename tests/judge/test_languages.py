@@ -154,7 +154,7 @@ MALFORMED = [
     ("language = [1]", "languages.toml: language #1: expected a [[language]] table"),
     # Keys.
     (table(colour='"red"'), C + "unknown key 'colour' (known: id, name, image, source_file, run, version, "
-                                "judge0_id, piston, probe, compile, compile_limits, run_limits)"),
+                                "judge0_id, piston, probe, compile, compile_limits, run_limits, memory_error)"),
     (table(run=None), C + "missing run"),
     (table(run=None, probe=None), C + "missing run, probe"),
     (table(id=None), "languages.toml: language #1: missing id"),
