@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import JVM_FLAGS
+from conftest import EMULATED_CPU, JVM_FLAGS
 from sandboxd.job import JobSpec, Result
 from sandboxd.judge.checkers import OutputChecker
 from sandboxd.judge.judging import CompiledChecker, Judgement, Submission, Case, build, judge
@@ -81,8 +81,12 @@ def _runner(runtime):
     return run
 
 
+# Under emulation node alone needs two seconds of CPU to start.
+TEST_CPU_TIME_S, TEST_WALL_TIME_S = (12, 40) if EMULATED_CPU else (2, 6)
+
+
 def _tests(language, **limits) -> tuple[Case, ...]:
-    run_limits = language.run_limits_with({"cpu_time": 2, "wall_time": 6, **limits})
+    run_limits = language.run_limits_with({"cpu_time": TEST_CPU_TIME_S, "wall_time": TEST_WALL_TIME_S, **limits})
     return tuple(Case(f"t{index + 1}", stdin.encode(), expected.encode(), run_limits)
                  for index, (stdin, expected) in enumerate(TESTS_INPUT))
 

@@ -3,7 +3,7 @@
 # put the current working tree in it, and run pytest there as root and then as an unprivileged
 # user with a delegated cgroup subtree.
 #
-#   tests/vm/cgroup2.sh [PYTEST ARGS...]      default: tests/runtime tests/images tests/test_rootless.py tests/test_serve.py tests/api
+#   tests/vm/cgroup2.sh [PYTEST ARGS...]      default: tests/runtime tests/images tests/judge tests/test_rootless.py tests/test_serve.py tests/api
 #
 # Exit status: the worse of the two pytest runs; 124 when the watchdog killed the VM; 125 when
 # the lane itself failed (image build, boot, missing report). See tests/vm/README.md for the
@@ -33,7 +33,7 @@ die() { say "error: $*"; exit 125; }
 [[ $cpu_model =~ ^[A-Za-z0-9][A-Za-z0-9_.,=+-]*$ ]] || die "SANDBOXD_VM_CPU: not a qemu -cpu value: $cpu_model"
 
 if (($# == 0)); then
-    for t in tests/runtime tests/images tests/test_rootless.py tests/test_serve.py tests/api; do
+    for t in tests/runtime tests/images tests/judge tests/test_rootless.py tests/test_serve.py tests/api; do
         if [[ -e $repo/$t ]]; then set -- "$@" "$t"; else say "warning: default test path $t does not exist, skipped"; fi
     done
     (($#)) || die "none of the default test paths exists"
