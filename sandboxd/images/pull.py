@@ -30,7 +30,7 @@ from sandboxd.images.oci import (INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
                                  check_layers, digest_of, record_from_config)
 from sandboxd.images.progress import LayerProgress, Transfer
 from sandboxd.images.reference import Reference
-from sandboxd.images.registry import RegistryClient, RegistryError, new_session, read_capped
+from sandboxd.images.registry import RegistryClient, RegistryError, each_layer, new_session, read_capped
 from sandboxd.images.store import ImageStore, LayerRef
 
 PARALLEL_LAYERS = 3
@@ -242,20 +242,10 @@ async def pull_image(store: ImageStore, reference: Reference, out: TextIO, *, na
         except OciError as error:
             raise RegistryError(str(error)) from None
         transfer.note(f"Pulling {reference} ({digest[:19]}, {len(wanted)} layers)")
-        limit = asyncio.Semaphore(PARALLEL_LAYERS)
-
-        async def one(layer: tuple[str, str, int, str]) -> LayerRef:
-            async with limit:
-                return await _ensure_layer(store, client, reference.path, scopes, layer, transfer)
-
-        tasks = [asyncio.create_task(one(layer)) for layer in wanted]
         try:
-            layers = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            layers = await each_layer(
+                wanted, lambda layer: _ensure_layer(store, client, reference.path, scopes, layer, transfer),
+                PARALLEL_LAYERS)
         finally:
             transfer.finish()
     try:

@@ -20,7 +20,7 @@ from sandboxd.images.auth import credentials_for
 from sandboxd.images.oci import OCI_MANIFEST, OciError, digest_of, image_documents
 from sandboxd.images.progress import LayerProgress, Transfer
 from sandboxd.images.reference import Reference
-from sandboxd.images.registry import RegistryClient, RegistryError, new_session
+from sandboxd.images.registry import RegistryClient, RegistryError, each_layer, new_session
 from sandboxd.images.store import ImageStore, LayerRef, parse_reference
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -144,21 +144,10 @@ async def push_image(store: ImageStore, local_name: str, reference: Reference, o
     async with new_session() as session:
         client = RegistryClient(session, reference.registry, credentials_for(reference.registry, environ), insecure)
         await client.ping()
-        limit = asyncio.Semaphore(PARALLEL_LAYERS)
-
-        async def one(layer: LayerRef) -> None:
-            async with limit:
-                await _push_layer(store, client, path, layer, chunk_bytes, transfer.layer(layer.blob,
-                                                                                         layer.blob_size_bytes))
-
-        tasks = [asyncio.create_task(one(layer)) for layer in record.layers]
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            await each_layer(record.layers, lambda layer: _push_layer(
+                store, client, path, layer, chunk_bytes, transfer.layer(layer.blob, layer.blob_size_bytes)),
+                PARALLEL_LAYERS)
         finally:
             transfer.finish()
         config_digest = digest_of(documents.config)

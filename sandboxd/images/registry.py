@@ -9,11 +9,12 @@ reused while they last. Plain HTTP is used only for loopback registries, or when
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -26,10 +27,31 @@ MAX_ERROR_BODY_BYTES = 64 << 10
 MAX_TOKEN_BYTES = 1 << 20
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
 USER_AGENT = "sandboxd/0.1"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RegistryError(RuntimeError):
     """A registry (or its token service) refused, failed or answered what is not the protocol."""
+
+
+async def each_layer(layers: Sequence[T], transfer: Callable[[T], Awaitable[R]], parallel: int) -> list[R]:
+    """transfer(layer) for every layer, `parallel` at once, results in order; the first
+    failure cancels the others (a pull or push is all or nothing)."""
+    slots = asyncio.Semaphore(parallel)
+
+    async def one(layer: T) -> R:
+        async with slots:
+            return await transfer(layer)
+
+    tasks = [asyncio.create_task(one(layer)) for layer in layers]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def is_loopback(registry: str) -> bool:
