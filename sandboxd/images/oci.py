@@ -107,7 +107,7 @@ def _document(data: bytes, what: str) -> dict[str, Any]:
     return document
 
 
-def _descriptor(raw: Any, what: str) -> tuple[str, str, int]:
+def parse_descriptor(raw: Any, what: str) -> tuple[str, str, int]:
     if not isinstance(raw, dict) or not isinstance(raw.get("digest"), str) or not _DIGEST_RE.match(raw["digest"]) \
             or not isinstance(raw.get("size"), int) or raw["size"] < 0:
         raise OciError(f"the {what} descriptor is malformed (a sha256 digest and a size are required)")
@@ -153,7 +153,7 @@ def check_layers(manifest: dict[str, Any], config: dict[str, Any]) -> list[tuple
         raise OciError(f"the image has {len(layers)} layers: containers stack at most {MAX_IMAGE_LAYERS}")
     checked = []
     for index, (raw, diff_id) in enumerate(zip(layers, diff_ids)):
-        media_type, digest, size = _descriptor(raw, f"layer {index}")
+        media_type, digest, size = parse_descriptor(raw, f"layer {index}")
         if media_type not in LAYER_TYPES:
             raise OciError(f"layer {index} has media type {media_type!r}: only tar and tar+gzip layers are supported")
         if not isinstance(diff_id, str) or not _DIGEST_RE.match(diff_id):
@@ -248,11 +248,11 @@ def load_image(store: ImageStore, path: Path, reference: str | None, created_fal
                 raise OciError("the index names no manifest")
             if len(manifests) > 1:
                 raise OciError("the layout holds several images: load a layout of one image")
-            media_type, digest, size = _descriptor(manifests[0], "manifest")
+            media_type, digest, size = parse_descriptor(manifests[0], "manifest")
             manifest = _document(layout.blob(digest, "manifest", size), "manifest")
             if manifest.get("mediaType", media_type or OCI_MANIFEST) not in MANIFEST_TYPES:
                 raise OciError(f"the manifest has media type {manifest.get('mediaType')!r}")
-            _, config_digest, config_size = _descriptor(manifest.get("config"), "config")
+            _, config_digest, config_size = parse_descriptor(manifest.get("config"), "config")
             config = _document(layout.blob(config_digest, "config", config_size), "config")
             layers = []
             for index_number, (_, blob, _, diff_id) in enumerate(check_layers(manifest, config)):

@@ -27,9 +27,9 @@ import aiohttp
 from sandboxd.images.auth import credentials_for
 from sandboxd.images.layer import LayerError
 from sandboxd.images.oci import (INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_MANIFEST, OciError,
-                                 check_layers, digest_of, record_from_config)
+                                 check_layers, digest_of, parse_descriptor, record_from_config)
 from sandboxd.images.progress import LayerProgress, Transfer
-from sandboxd.images.reference import Reference
+from sandboxd.images.reference import DIGEST_RE, Reference
 from sandboxd.images.registry import RegistryClient, RegistryError, each_layer, new_session, read_capped
 from sandboxd.images.store import ImageStore, LayerRef
 
@@ -94,7 +94,7 @@ def platform_manifest(index: dict[str, Any]) -> str:
         if (platform.get("os"), platform.get("architecture")) == PLATFORM \
                 and entry.get("mediaType", OCI_MANIFEST) in MANIFEST_TYPES:
             digest = entry.get("digest")
-            if isinstance(digest, str) and digest.startswith("sha256:") and len(digest) == 71:
+            if isinstance(digest, str) and DIGEST_RE.fullmatch(digest):
                 return digest
     raise RegistryError(f"the index has no {'/'.join(PLATFORM)} image (it has: {', '.join(seen) or 'none'})")
 
@@ -231,13 +231,10 @@ async def pull_image(store: ImageStore, reference: Reference, out: TextIO, *, na
             if media_type not in MANIFEST_TYPES:
                 raise RegistryError(f"the index's {'/'.join(PLATFORM)} entry is not an image manifest")
         manifest = _json(data, "manifest")
-        config_descriptor = manifest.get("config")
-        if not isinstance(config_descriptor, dict) or not isinstance(config_descriptor.get("digest"), str) \
-                or not isinstance(config_descriptor.get("size"), int):
-            raise RegistryError("the manifest's config descriptor is malformed")
-        config = _json(await fetch_blob_bytes(client, reference.path, config_descriptor["digest"],
-                                              config_descriptor["size"], scopes, "config"), "config")
         try:
+            _, config_digest, config_size = parse_descriptor(manifest.get("config"), "config")
+            config = _json(await fetch_blob_bytes(client, reference.path, config_digest, config_size, scopes,
+                                                  "config"), "config")
             wanted = check_layers(manifest, config)
         except OciError as error:
             raise RegistryError(str(error)) from None

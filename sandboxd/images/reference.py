@@ -27,7 +27,7 @@ REFERENCE_RE = re.compile(rf"(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TA
 _HOST_RE = re.compile(_HOST)
 _PATH_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG_RE = re.compile(_TAG)
-_DIGEST_RE = re.compile(DIGEST)
+DIGEST_RE = re.compile(DIGEST)
 
 
 class ReferenceError(ValueError):
@@ -65,7 +65,7 @@ def split_reference(text: str) -> Reference:
     if len(text) > MAX_NAME_CHARS + 200 or not text:
         raise ReferenceError(f"invalid image reference {text[:80]!r}: empty or too long")
     rest, at, digest = text.partition("@")
-    if at and not _DIGEST_RE.fullmatch(digest):
+    if at and not DIGEST_RE.fullmatch(digest):
         raise ReferenceError(f"invalid digest in {text!r}: only sha256:<64 hex digits> is supported")
     registry = None
     first, slash, remainder = rest.partition("/")
