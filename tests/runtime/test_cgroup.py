@@ -243,7 +243,10 @@ def test_cpu_time_matches_the_childs_own_usage(driver):
         polled = job.cpu_time_ns() / 1e9
         stats = job.stats()
         assert own >= 0.3
-        assert abs(polled - own) <= 0.03 * own, (polled, own, before_attach)
+        # Under emulation the child's steps outside `own` (after the attach, before its first
+        # clock read) take milliseconds: 13 ms once in the VM lane. A fixed allowance for them.
+        allowance = 0.03 * own + overhead_ms(0, 25) / 1000
+        assert abs(polled - own) <= allowance, (polled, own, before_attach)
         assert stats.cpu_time_ns == job.cpu_time_ns()  # the job is over: no more change
         # user/sys are sampled at ticks on v1 (on a busy host a burst of ticks can land on
         # other tasks): they add up to the exact figure only roughly.
