@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
@@ -49,6 +49,9 @@ class ServiceContext:
     log: Any
     draining: Callable[[], bool]
     judge: JudgeService | None = None  # None: no judging routes answer (503)
+    # Path prefix -> how errors are shown under it: the compatible APIs (Judge0's, Piston's)
+    # answer in their own style, authentication errors included.
+    error_styles: dict[str, Callable[[ApiError], web.Response]] = field(default_factory=dict)
 
 
 def job_object(record: JobRecord) -> dict[str, Any]:
@@ -129,17 +132,28 @@ class Api:
 
     # --- middleware ------------------------------------------------------------------------
 
-    async def _authenticate(self, request: web.Request) -> Tenant:
-        header = request.headers.get("Authorization", "")
+    @staticmethod
+    def _key(request: web.Request) -> str | None:
+        """The API key: `Authorization: Bearer KEY`; or as the compatible APIs' clients send
+        it, `X-Auth-Token: KEY` (Judge0's) or `Authorization: KEY` (Piston's)."""
+        header = request.headers.get("Authorization", "").strip()
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        if scheme.lower() == "bearer" and key.strip():
+            return key.strip()
+        if header and not key:
+            return header
+        return request.headers.get("X-Auth-Token", "").strip() or None
+
+    async def _authenticate(self, request: web.Request) -> Tenant:
+        key = self._key(request)
+        if key is None:
             raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer KEY",
                            headers={"WWW-Authenticate": "Bearer"})
-        key_hash = hash_key(key.strip())
+        key_hash = hash_key(key)
         cached = self._tenants.get(key_hash)
         now = time.monotonic()
         if cached is None or cached[1] < now:
-            tenant = await self.c.reader.aread(lambda c: tenant_by_key(c, key.strip()))
+            tenant = await self.c.reader.aread(lambda c: tenant_by_key(c, key))
             if len(self._tenants) > 10_000:
                 self._tenants.clear()  # unknown keys must not grow the cache without bound
             self._tenants[key_hash] = (tenant, now + TENANT_CACHE_S)
@@ -162,21 +176,29 @@ class Api:
                 request[TENANT_KEY] = tenant
             response = await handler(request)
         except ApiError as error:
-            response = error.response()
+            response = self._error(request, error)
         except web.HTTPRequestEntityTooLarge:
-            response = ApiError(413, "body_too_large", f"the request body is over {MAX_BODY_BYTES} bytes",
-                                {"max_bytes": MAX_BODY_BYTES}).response()
+            response = self._error(request, ApiError(413, "body_too_large",
+                                                     f"the request body is over {MAX_BODY_BYTES} bytes",
+                                                     {"max_bytes": MAX_BODY_BYTES}))
         except web.HTTPException as error:
             code = {404: "not_found", 405: "method_not_allowed"}.get(error.status, "http_error")
-            response = ApiError(error.status, code, error.reason).response()
+            response = self._error(request, ApiError(error.status, code, error.reason))
         except Exception as error:  # noqa: BLE001 - one request's bug must not take the service down
             self.c.log.exception("request.failed", path=request.path)
-            response = ApiError(500, "internal_error", f"internal error: {type(error).__name__}").response()
+            response = self._error(request, ApiError(500, "internal_error",
+                                                     f"internal error: {type(error).__name__}"))
         elapsed = time.monotonic() - started
         self.c.metrics.request_duration.observe(elapsed, request.method, route, str(response.status))
         info_soon(self.c.log, "request", method=request.method, path=request.path, status=response.status,
                   tenant=tenant_name, duration_ms=round(elapsed * 1000, 3))
         return response
+
+    def _error(self, request: web.Request, error: ApiError) -> web.Response:
+        for prefix, style in self.c.error_styles.items():
+            if request.path.startswith(prefix):
+                return style(error)
+        return error.response()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -320,8 +342,10 @@ def create_app(context: ServiceContext) -> web.Application:
     app.router.add_get("/v1/images", api.images)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)
-    # Imported here: the submissions routes use this module's helpers.
-    from sandboxd.api.submissions import add_routes
+    # Imported here: these routes use this module's helpers.
+    from sandboxd.api import judge0, piston, submissions
 
-    add_routes(app, context)
+    submissions.add_routes(app, context)
+    judge0.add_routes(app, context)
+    piston.add_routes(app, context)
     return app

@@ -49,6 +49,7 @@ class Case:
     stdin: bytes
     expected_output: bytes | None  # None: any output is accepted (a run, not a check)
     limits: Limits
+    args: tuple[str, ...] = ()  # after the language's run command
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Submission:
     stop_on_first_failure: bool = False
     parallel_tests: int = 1
     compile_limits: Limits | None = None  # None: the language's
+    files: tuple[InputFile, ...] = ()  # the submission's other files, beside the source
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,14 @@ def compile_verdict(result: Result) -> tuple[str, str | None]:
 
 
 async def build(language: Language, source: bytes, run: RunJob, role: str = "compile",
-                limits: Limits | None = None) -> tuple[tuple[InputFile, ...] | None, Result | None, str | None]:
+                limits: Limits | None = None, others: tuple[InputFile, ...] = ()
+                ) -> tuple[tuple[InputFile, ...] | None, Result | None, str | None]:
     """(the files every run is given, the compile's result, a failure message). Files are
-    None when the compile failed; a language without a compile step gets its source."""
+    None when the compile failed; a language without a compile step gets its source (and
+    `others`, the submission's other files)."""
     if language.compile_argv is None:
-        return source_files(language, source), None, None
-    result = await run(compile_job(language, source, limits), role)
+        return source_files(language, source, others), None, None
+    result = await run(compile_job(language, source, limits, others), role)
     if result.status != "ok" or result.exit_code != 0:
         return None, result, compile_verdict(result)[1]
     try:
@@ -150,7 +154,7 @@ async def _check(submission: Submission, test: Case, result: Result, run: RunJob
 async def _run_test(submission: Submission, files: tuple[InputFile, ...], index: int, run: RunJob) -> CaseVerdict:
     test = submission.tests[index]
     language = submission.language
-    result = await run(run_job(language, files, test.stdin, test.limits), f"test {index + 1}")
+    result = await run(run_job(language, files, test.stdin, test.limits, test.args), f"test {index + 1}")
     verdict = run_verdict(result)
     if verdict == "runtime_error" and language.memory_error and language.memory_error.encode() in result.stderr:
         return CaseVerdict(test.name, "memory_limit_exceeded", result, f"{language.memory_error} on stderr")
@@ -162,7 +166,7 @@ async def _run_test(submission: Submission, files: tuple[InputFile, ...], index:
 
 async def judge(submission: Submission, run: RunJob) -> Judgement:
     files, compile_result, failure = await build(submission.language, submission.source, run,
-                                                 limits=submission.compile_limits)
+                                                 limits=submission.compile_limits, others=submission.files)
     if files is None:
         assert compile_result is not None
         verdict = compile_verdict(compile_result)[0] if compile_result.status != "ok" or \

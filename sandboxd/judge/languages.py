@@ -261,20 +261,23 @@ def version_job(language: Language) -> JobSpec:
     return JobSpec(argv=expand_argv(language.version_argv, limits), limits=limits, image=language.image)
 
 
-def source_files(language: Language, source: bytes) -> tuple[InputFile, ...]:
-    """What a test's job of an interpreted language without a compile step is given."""
-    return (InputFile(path=language.source_file, content=source),)
+def source_files(language: Language, source: bytes, others: tuple[InputFile, ...] = ()) -> tuple[InputFile, ...]:
+    """The source under the language's file name, and the submission's other files beside it:
+    what the compile job is given, and each test's job of a language without a compile step."""
+    return (InputFile(path=language.source_file, content=source), *others)
 
 
-def compile_job(language: Language, source: bytes, limits: Limits | None = None) -> JobSpec:
-    """The job that compiles `source` and writes /work, as a tar, to its stdout (read it with
-    compiled_files); diagnostics are on its stderr. Only for a language with a compile step;
-    its image needs `sh` and `tar` (the host's and busybox's both do)."""
+def compile_job(language: Language, source: bytes, limits: Limits | None = None,
+                others: tuple[InputFile, ...] = ()) -> JobSpec:
+    """The job that compiles `source` (with `others` beside it) and writes /work, as a tar, to
+    its stdout (read it with compiled_files); diagnostics are on its stderr. Only for a
+    language with a compile step; its image needs `sh` and `tar` (the host's and busybox's
+    both do)."""
     if language.compile_argv is None:
         raise ValueError(f"language {language.id!r} has no compile step")
     limits = limits or language.compile_limits
     argv = ("sh", "-c", _COMPILE_AND_PACK, "compile", *expand_argv(language.compile_argv, limits))
-    return JobSpec(argv=argv, limits=limits, image=language.image, files=source_files(language, source))
+    return JobSpec(argv=argv, limits=limits, image=language.image, files=source_files(language, source, others))
 
 
 def _artifact(archive: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> InputFile:
@@ -309,10 +312,11 @@ def compiled_files(result: Result) -> tuple[InputFile, ...]:
 
 
 def run_job(language: Language, files: tuple[InputFile, ...], stdin: bytes | None,
-            limits: Limits | None = None) -> JobSpec:
-    """One test's job: the compiled files (or the source) in /work, the test's input on stdin."""
+            limits: Limits | None = None, args: tuple[str, ...] = ()) -> JobSpec:
+    """One test's job: the compiled files (or the source) in /work, the test's input on stdin,
+    its arguments after the language's run command."""
     limits = limits or language.run_limits
-    return JobSpec(argv=expand_argv(language.run_argv, limits), limits=limits, image=language.image,
+    return JobSpec(argv=expand_argv(language.run_argv, limits) + args, limits=limits, image=language.image,
                    files=files, stdin=stdin)
 
 

@@ -23,6 +23,7 @@ scheduler's own recovery put back in the queue.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import dataclasses
 import threading
@@ -30,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
-from sandboxd.job import JobSpec, Result, internal_error_result
+from sandboxd.job import InputFile, JobSpec, Result, internal_error_result
 from sandboxd.jobs import CANCELLED, JobRecord, JobRequest
 from sandboxd.judge.checkers import OutputChecker, ProgramChecker
 from sandboxd.judge.judging import (CompiledChecker, Judgement, RunJob, Submission, Case, CaseVerdict, build,
@@ -63,6 +64,15 @@ class SubmissionRequest:
     checker: OutputChecker | ProgramChecker
     stop_on_first_failure: bool = False
     labels: tuple[tuple[str, str], ...] = ()
+    files: tuple[InputFile, ...] = ()  # the submission's other files, beside the source
+    # Keep each test's whole output (and the compiler's), base64, not only excerpts: for the
+    # APIs that hand it back (Judge0's, Piston's), within the run's output limit.
+    keep_output: bool = False
+    # What the API that made it shows back with it (Judge0 echoes its request's fields).
+    api_request: dict[str, Any] | None = None
+
+
+OnFinished = Callable[[SubmissionRecord], Awaitable[None]]
 
 
 @dataclass
@@ -72,6 +82,7 @@ class _Live:
     record: SubmissionRecord
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    on_finished: OnFinished | None = None
 
 
 class _ThreadRunner:
@@ -106,17 +117,20 @@ class _ProbesStopped(Exception):
     """The service is stopping: no more probes."""
 
 
-def compile_json(result: Result | None) -> dict[str, Any] | None:
+def compile_json(result: Result | None, keep_output: bool = False) -> dict[str, Any] | None:
     if result is None:
         return None
-    return {"status": result.status, "exit_code": result.exit_code,
+    data = {"status": result.status, "exit_code": result.exit_code,
             "output": excerpt(result.stderr, COMPILE_OUTPUT_BYTES), "cpu_time_ms": result.cpu_time_ms,
             "wall_time_ms": result.wall_time_ms, "memory_peak_bytes": result.memory_peak_bytes}
+    if keep_output:
+        data["output_base64"] = base64.b64encode(result.stderr).decode()
+    return data
 
 
-def case_json(verdict: CaseVerdict) -> dict[str, Any]:
+def case_json(verdict: CaseVerdict, keep_output: bool = False) -> dict[str, Any]:
     result = verdict.result
-    return {
+    data = {
         "name": verdict.name, "verdict": verdict.verdict, "message": verdict.message,
         "status": result.status if result else None, "exit_code": result.exit_code if result else None,
         "signal": result.signal if result else None, "cpu_time_ms": result.cpu_time_ms if result else None,
@@ -125,6 +139,11 @@ def case_json(verdict: CaseVerdict) -> dict[str, Any]:
         "stdout_excerpt": excerpt(result.stdout) if result else None,
         "stderr_excerpt": excerpt(result.stderr) if result else None,
     }
+    if keep_output:
+        data["stdout_base64"] = base64.b64encode(result.stdout).decode() if result else None
+        data["stderr_base64"] = base64.b64encode(result.stderr).decode() if result else None
+        data["limit_hit"] = result.limit_hit if result else None
+    return data
 
 
 def capped(limits: Limits, tenant: Tenant) -> Limits:
@@ -219,14 +238,18 @@ class JudgeService:
         live = self._live.get(submission_id)
         return None if live is None else live.record
 
-    async def submit(self, tenant: Tenant, request: SubmissionRequest) -> SubmissionRecord:
+    async def submit(self, tenant: Tenant, request: SubmissionRequest,
+                     on_finished: OnFinished | None = None) -> SubmissionRecord:
         """Accept the submission (its row committed when this returns) and start judging it.
-        Raises QuotaError when the tenant or the service cannot take a job now."""
+        `on_finished` is awaited with the final record once its row is committed (not after a
+        restart: the submission's task died with the process). Raises QuotaError when the
+        tenant or the service cannot take a job now."""
         self._scheduler.admit(tenant)
         record = SubmissionRecord(id=uuid.uuid4().hex, tenant=tenant.name, language=request.language.id,
-                                  state=QUEUED, created_at=utc_now(), labels=request.labels)
+                                  state=QUEUED, created_at=utc_now(), labels=request.labels,
+                                  request=request.api_request)
         await self._writer.run(lambda c: insert_submission(c, record))
-        live = _Live(record)
+        live = _Live(record, on_finished=on_finished)
         self._live[record.id] = live
         live.task = asyncio.create_task(self._judge(live, tenant, request))
         self._log.info("submission.accepted", submission_id=record.id, tenant=tenant.name,
@@ -280,6 +303,11 @@ class JudgeService:
         finally:
             live.done.set()
         self._live.pop(final.id, None)
+        if live.on_finished is not None:
+            try:
+                await live.on_finished(final)
+            except Exception:  # noqa: BLE001 - the submission is judged and stored all the same
+                self._log.exception("submission.on_finished_failed", submission_id=final.id)
 
     async def _judgement(self, tenant: Tenant, request: SubmissionRequest, submission_id: str):
         """(verdict, message, compile, tests) as the submission's record holds them."""
@@ -299,10 +327,11 @@ class JudgeService:
         submission = Submission(language=request.language, source=request.source, tests=request.tests,
                                 checker=checker, stop_on_first_failure=request.stop_on_first_failure,
                                 parallel_tests=parallel_tests(tenant),
-                                compile_limits=capped(request.language.compile_limits, tenant))
+                                compile_limits=capped(request.language.compile_limits, tenant), files=request.files)
         judgement: Judgement = await judge(submission, run)
-        return (judgement.verdict, judgement.message, compile_json(judgement.compile_result),
-                tuple(case_json(test) for test in judgement.tests))
+        keep = request.keep_output
+        return (judgement.verdict, judgement.message, compile_json(judgement.compile_result, keep),
+                tuple(case_json(test, keep) for test in judgement.tests))
 
     # --- the jobs ------------------------------------------------------------------------------
 

@@ -45,7 +45,9 @@ T = TypeVar("T")
 #   with no lookup per job. job_labels stays the index for listing jobs by label.
 # The submissions table (store/submissions.py) holds one row per judged submission: its
 # lifecycle, its overall verdict, and once finished the whole judgement as JSON (`result`:
-# message, compile, tests). Its jobs are ordinary jobs rows, labelled submission=<id>.
+# message, compile, tests) and, for a submission made through Judge0's API, the request's
+# fields that API shows back (`request`). Its jobs are ordinary jobs rows, labelled
+# submission=<id>.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -145,7 +147,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     created_at TEXT NOT NULL,
     finished_at TEXT,
     labels TEXT NOT NULL,
-    result TEXT
+    result TEXT,
+    request TEXT
 );
 CREATE INDEX IF NOT EXISTS submissions_tenant ON submissions (tenant, seq);
 CREATE INDEX IF NOT EXISTS submissions_state ON submissions (state, seq);
@@ -214,6 +217,8 @@ def open_database(state_dir: Path) -> Path:
             raise StoreError(f"{path}: schema version {version} is newer than this sandboxd ({SCHEMA_VERSION})")
         database = sqlite_utils.Database(connection)
         database.executescript(SCHEMA)
+        if "request" not in database["submissions"].columns_dict:  # a table from before the column
+            connection.execute("ALTER TABLE submissions ADD COLUMN request TEXT")
         if connection.execute(_USAGE_MISSING_SQL).fetchone()[0]:
             # A database from before the usage tables: derive them from its jobs, once.
             connection.execute("BEGIN IMMEDIATE")

@@ -32,6 +32,7 @@ class SubmissionRecord:
     message: str | None = None
     compile: dict[str, Any] | None = None  # as the API shows it; None: no compile step (or not yet)
     tests: tuple[dict[str, Any], ...] = ()  # likewise, one per test, once finished
+    request: dict[str, Any] | None = None  # what the API that made it echoes back (Judge0's fields)
 
     def replace(self, **changes: Any) -> SubmissionRecord:
         return dataclasses.replace(self, **changes)
@@ -49,10 +50,11 @@ def _result_json(record: SubmissionRecord) -> str | None:
 
 def insert_submission(connection: sqlite3.Connection, record: SubmissionRecord) -> None:
     connection.execute(
-        "INSERT INTO submissions (id, tenant, language, state, verdict, created_at, finished_at, labels, result)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO submissions (id, tenant, language, state, verdict, created_at, finished_at, labels, result,"
+        " request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.id, record.tenant, record.language, record.state, record.verdict, record.created_at,
-         record.finished_at, json.dumps(dict(record.labels)), _result_json(record)))
+         record.finished_at, json.dumps(dict(record.labels)), _result_json(record),
+         None if record.request is None else json.dumps(record.request)))
 
 
 def mark_submission_running(connection: sqlite3.Connection, submission_id: str) -> None:
@@ -72,6 +74,7 @@ def _record(row: sqlite3.Row) -> SubmissionRecord:
         created_at=row["created_at"], labels=tuple(sorted(json.loads(row["labels"]).items())),
         verdict=row["verdict"], finished_at=row["finished_at"], message=result.get("message"),
         compile=result.get("compile"), tests=tuple(result.get("tests") or ()),
+        request=json.loads(row["request"]) if row["request"] else None,
     )
 
 
