@@ -52,6 +52,8 @@ class ServiceContext:
     # Path prefix -> how errors are shown under it: the compatible APIs (Judge0's, Piston's)
     # answer in their own style, authentication errors included.
     error_styles: dict[str, Callable[[ApiError], web.Response]] = field(default_factory=dict)
+    # Hosts (names or addresses) a Judge0 callback_url may name; with none, no callbacks.
+    callback_hosts: tuple[str, ...] = ()
 
 
 def job_object(record: JobRecord) -> dict[str, Any]:
