@@ -68,6 +68,21 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class StdioPipe:
+    """Two jobs talking through pipes (an interactive problem's solution and interactor):
+    each one's stdout is the other's stdin. The jobs of one `group` are sides 0 and 1; the
+    runtime makes the pipes when the first side starts, and their output is not captured
+    (it is the conversation), only their stderr."""
+
+    group: str
+    side: int
+
+    def __post_init__(self) -> None:
+        if not JOB_ID_RE.match(self.group) or self.side not in (0, 1):
+            raise SpecError(f"a pipe group needs an id matching {JOB_ID_RE.pattern} and a side 0 or 1")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     argv: tuple[str, ...]
     limits: Limits
@@ -84,6 +99,8 @@ class JobSpec:
     workdir: str = WORKDIR
     upper_dir: str | None = None
     network: bool = False
+    # Judging only: connected to another job by pipes instead of stdin and captured stdout.
+    stdio_pipe: StdioPipe | None = None
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(arg, str) for arg in self.argv):

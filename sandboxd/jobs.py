@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sandboxd.job import InputFile, JobSpec, Result
+from sandboxd.job import InputFile, JobSpec, Result, StdioPipe
 from sandboxd.limits import LIMIT_FIELDS, Limits
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
@@ -38,10 +38,12 @@ class JobRequest:
     files: tuple[InputFile, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
+    # Judging only: side 1 rides with the side 0 submitted just before it (scheduler.py).
+    stdio_pipe: StdioPipe | None = None
 
     def spec(self, job_id: str) -> JobSpec:
         return JobSpec(argv=self.argv, limits=self.limits, image=self.image, env=self.env,
-                       stdin=self.stdin, files=self.files, job_id=job_id)
+                       stdin=self.stdin, files=self.files, job_id=job_id, stdio_pipe=self.stdio_pipe)
 
     def inputs_json(self) -> str:
         """What a queued job needs beyond its jobs row, to run after a restart."""
@@ -49,6 +51,7 @@ class JobRequest:
             "stdin": None if self.stdin is None else base64.b64encode(self.stdin).decode(),
             "files": [[f.path, base64.b64encode(f.content).decode(), f.mode] for f in self.files],
             "env": [list(pair) for pair in self.env],
+            "stdio_pipe": None if self.stdio_pipe is None else [self.stdio_pipe.group, self.stdio_pipe.side],
         })
 
     @classmethod
@@ -62,6 +65,7 @@ class JobRequest:
             files=tuple(InputFile(path, base64.b64decode(content), mode) for path, content, mode in stored["files"]),
             env=tuple((key, value) for key, value in stored["env"]),
             labels=tuple(sorted(json.loads(labels).items())),
+            stdio_pipe=StdioPipe(*stored["stdio_pipe"]) if stored.get("stdio_pipe") else None,
         )
 
 

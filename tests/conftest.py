@@ -125,6 +125,22 @@ def run_once(state_dir: Path, spec: JobSpec) -> Result:
         runtime.close()
 
 
+def run_piped(runtime, first: JobSpec, second: JobSpec) -> tuple[Result, Result]:
+    """Run two jobs connected by pipes (each one's stdout is the other's stdin) to their end."""
+    import uuid
+
+    from sandboxd.job import StdioPipe
+
+    group = uuid.uuid4().hex
+    results: dict[int, Result] = {}
+    for side, spec in enumerate((first, second)):
+        spec = dataclasses.replace(spec, stdio_pipe=StdioPipe(group, side))
+        runtime.start(spec, lambda result, side=side: results.__setitem__(side, result))
+    while len(results) < 2:
+        runtime.supervisor.step(None)
+    return results[0], results[1]
+
+
 def python_job(source: str, **kwargs: Any) -> JobSpec:
     return job(["python3", "-c", source], **kwargs)
 

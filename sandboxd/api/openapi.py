@@ -111,6 +111,11 @@ SCHEMAS: dict[str, Any] = {
                 "type": {"enum": ["exact", "lines", "tokens", "float", "program"]},
                 "absolute_tolerance": {"type": "number"}, "relative_tolerance": {"type": "number"},
                 "language": {"type": "string"}, "source": {"type": "string"}}}], "default": "lines"},
+            "interactor": {"type": "object", "required": ["language", "source"], "additionalProperties": False,
+                           "properties": {"language": {"type": "string"}, "source": {"type": "string"}},
+                           "description": "An interactive problem's: connected to the solution's stdin and stdout "
+                                          "by pipes, given files input and expected_output; its exit decides "
+                                          "(0 accepts, 1 rejects). Not with a checker"},
             "limits": {"type": "object", "description": "Run limits of every test (as a job's)"},
             "stop_on_first_failure": {"type": "boolean", "default": False},
             "labels": {"type": "object", "additionalProperties": {"type": "string"},
@@ -206,7 +211,7 @@ def openapi_document() -> dict[str, Any]:
             _param("tenant", "query", {"type": "string"}, "Admins: one tenant")])},
         "/v1/submissions": {"post": _operation(
             "Judge a submission: compile once, run every test as jobs of the tenant (labelled "
-            "submission=ID, role=compile|test N|checker ...), check each output",
+            "submission=ID, role=compile|test N|checker ...|interactor ...), check each output",
             {"201": _json_body(_ref("Submission"), "Accepted (not finished yet)"),
              "200": _json_body(_ref("Submission"), "Finished, with wait"), **_ERRORS, **_QUOTA},
             body=_ref("SubmissionRequest"), parameters=[

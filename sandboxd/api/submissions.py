@@ -13,7 +13,7 @@ from sandboxd.api.errors import ApiError, invalid
 from sandboxd.api.http import (DEFAULT_WAIT_S, JOB_ID_RE, MAX_WAIT_S, TENANT_KEY, ServiceContext, _body, _flag,
                                _json, _number, _query)
 from sandboxd.api.requests import LABEL_NAME_RE, MAX_LABEL_VALUE_CHARS, MAX_LABELS, _content, _object, _string_map
-from sandboxd.judge.checkers import CheckerError, ProgramChecker, parse_checker
+from sandboxd.judge.checkers import CheckerError, ProgramSource, parse_checker
 from sandboxd.judge.judging import Case
 from sandboxd.judge.languages import Language
 from sandboxd.judge.service import RESERVED_LABELS, JudgeService, SubmissionRequest
@@ -22,7 +22,9 @@ from sandboxd.scheduler.scheduler import QuotaError
 from sandboxd.store.submissions import SubmissionRecord, get_submission
 from sandboxd.store.tenants import Tenant
 
-SUBMISSION_FIELDS = {"language", "source", "tests", "checker", "limits", "stop_on_first_failure", "labels"}
+SUBMISSION_FIELDS = {"language", "source", "tests", "checker", "interactor", "limits", "stop_on_first_failure",
+                     "labels"}
+INTERACTOR_FIELDS = {"language", "source"}
 TEST_FIELDS = {"name", "stdin", "expected_output", "limits"}
 MAX_SOURCE_BYTES = 1 << 20
 MAX_TESTS = 100
@@ -104,6 +106,25 @@ def _tests(value: Any, language: Language, shared: dict[str, Any], policy: Limit
     return tuple(tests)
 
 
+def _program(program: ProgramSource, field: str, languages: dict[str, Language]) -> None:
+    _language(program.language, f"{field}.language", languages)
+    if len(program.source.encode()) > MAX_SOURCE_BYTES:
+        raise invalid(f"{field}.source", f"is over {MAX_SOURCE_BYTES} bytes")
+
+
+def _interactor(value: Any, languages: dict[str, Language]) -> ProgramSource:
+    interactor = _object(value, "interactor")
+    unknown = sorted(set(interactor) - INTERACTOR_FIELDS)
+    if unknown:
+        raise invalid(f"interactor.{unknown[0]}", f"unknown field (known: {', '.join(sorted(INTERACTOR_FIELDS))})")
+    for name in sorted(INTERACTOR_FIELDS):
+        if not isinstance(interactor.get(name), str) or not interactor[name].strip():
+            raise invalid(f"interactor.{name}", "is required: a non-empty string")
+    program = ProgramSource(language=interactor["language"], source=interactor["source"])
+    _program(program, "interactor", languages)
+    return program
+
+
 def parse_submission(body: Any, *, languages: dict[str, Language], policy: LimitPolicy,
                      tenant: Tenant) -> SubmissionRequest:
     submission = _object(body, "submission")
@@ -123,10 +144,13 @@ def parse_submission(body: Any, *, languages: dict[str, Language], policy: Limit
         checker = parse_checker(submission.get("checker", "lines"))
     except CheckerError as error:
         raise invalid("checker", str(error).removeprefix("checker: ")) from None
-    if isinstance(checker, ProgramChecker):
-        _language(checker.language, "checker.language", languages)
-        if len(checker.source.encode()) > MAX_SOURCE_BYTES:
-            raise invalid("checker.source", f"is over {MAX_SOURCE_BYTES} bytes")
+    if isinstance(checker, ProgramSource):
+        _program(checker, "checker", languages)
+    interactor = None
+    if submission.get("interactor") is not None:
+        if "checker" in submission:
+            raise invalid("checker", "an interactive submission is judged by its interactor, not a checker")
+        interactor = _interactor(submission["interactor"], languages)
     shared = _limit_overrides(submission.get("limits", {}), "limits")
     _run_limits(language, shared, "limits", policy, tenant)  # its mistakes are named as its own
     stop = submission.get("stop_on_first_failure", False)
@@ -139,7 +163,7 @@ def parse_submission(body: Any, *, languages: dict[str, Language], policy: Limit
             raise invalid(f"labels[{name!r}]", "is set by the service on the submission's jobs")
     return SubmissionRequest(language=language, source=source,
                              tests=_tests(submission["tests"], language, shared, policy, tenant),
-                             checker=checker, stop_on_first_failure=stop, labels=labels)
+                             checker=checker, stop_on_first_failure=stop, labels=labels, interactor=interactor)
 
 
 # --- objects ---------------------------------------------------------------------------------
@@ -190,8 +214,10 @@ class SubmissionRoutes:
         """422 for a language this machine cannot run (the submission's, or its checker's)."""
         judge = self.judge
         wanted = [("language", request.language.id)]
-        if isinstance(request.checker, ProgramChecker):
+        if isinstance(request.checker, ProgramSource):
             wanted.append(("checker.language", request.checker.language))
+        if request.interactor is not None:
+            wanted.append(("interactor.language", request.interactor.language))
         if not await judge.probed([language_id for _, language_id in wanted], PROBE_WAIT_S):
             raise ApiError(503, "language_probing", "the languages are still being probed; try again",
                            headers={"Retry-After": "5"})

@@ -283,14 +283,15 @@ class OutputChecker:
 
 
 @dataclass(frozen=True)
-class ProgramChecker:
-    """A checker program, in a language of the catalogue; only its shape is checked here."""
+class ProgramSource:
+    """A program in a language of the catalogue, as source: a checker program (or an
+    interactive problem's interactor); only its shape is checked here."""
 
     language: str
     source: str
 
 
-CheckerSpec = OutputChecker | ProgramChecker
+CheckerSpec = OutputChecker | ProgramSource
 
 _BUILTIN: dict[str, Callable[[bytes, bytes], CheckOutcome]] = {"exact": exact, "lines": lines, "tokens": tokens}
 _TOLERANCES = ("absolute_tolerance", "relative_tolerance")
@@ -330,7 +331,7 @@ def parse_checker(data: Any) -> CheckerSpec:
             detail = f"allowed: {', '.join(allowed)}" if allowed else "it takes no options"
             raise CheckerError(f"checker: type {kind!r} has no option {key!r} ({detail})")
     if kind == "program":
-        return ProgramChecker(language=_parse_text(data, "language"), source=_parse_text(data, "source"))
+        return ProgramSource(language=_parse_text(data, "language"), source=_parse_text(data, "source"))
     if kind != "float":
         return OutputChecker(type=kind)
     if not any(key in data for key in _TOLERANCES):

@@ -14,11 +14,17 @@ gets the test's input, the expected output and the program's output as files `in
 0 accepts, 1 rejects, anything else (another status, a signal, a limit) is the checker's
 failure: an `internal_error` that says so, never an acceptance. (An uncaught Python
 exception exits 1: a Python checker should catch its own errors and exit 2.)
+
+An interactive problem's interactor replaces the checker: for each test, the solution and
+the interactor run at once through a `RunPair`, each one's stdout piped to the other's
+stdin, and `interactive_verdict` reads the interactor's exit (the same 0 / 1 / other).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -41,6 +47,10 @@ _STATUS_VERDICTS = {
 }
 
 RunJob = Callable[[JobSpec, str], Awaitable[Result]]
+# Two jobs connected by pipes (the solution's and the interactor's, in that order), run
+# together to their end; the role names the test.
+RunPair = Callable[[JobSpec, JobSpec, str], Awaitable[tuple[Result, Result]]]
+INTERACTOR_INPUTS = ("input", "expected_output")
 
 
 @dataclass(frozen=True)
@@ -53,8 +63,9 @@ class Case:
 
 
 @dataclass(frozen=True)
-class CompiledChecker:
-    """A checker program, ready to run: its language and the files its compile left."""
+class CompiledProgram:
+    """A checker program or an interactor, ready to run: its language and the files its
+    compile left."""
 
     language: Language
     files: tuple[InputFile, ...]
@@ -65,11 +76,12 @@ class Submission:
     language: Language
     source: bytes
     tests: tuple[Case, ...]
-    checker: OutputChecker | CompiledChecker
+    checker: OutputChecker | CompiledProgram
     stop_on_first_failure: bool = False
     parallel_tests: int = 1
     compile_limits: Limits | None = None  # None: the language's
     files: tuple[InputFile, ...] = ()  # the submission's other files, beside the source
+    interactor: CompiledProgram | None = None  # an interactive problem's: the checker is not used
 
 
 @dataclass(frozen=True)
@@ -151,12 +163,22 @@ async def _check(submission: Submission, test: Case, result: Result, run: RunJob
         f": {said}" if said else "")
 
 
-async def _run_test(submission: Submission, files: tuple[InputFile, ...], index: int, run: RunJob) -> CaseVerdict:
+def _ran_out_of_memory(language: Language, result: Result) -> bool:
+    return bool(result.status == "runtime_error" and language.memory_error
+                and language.memory_error.encode() in result.stderr)
+
+
+async def _run_test(submission: Submission, files: tuple[InputFile, ...], index: int, run: RunJob,
+                    run_pair: RunPair | None) -> CaseVerdict:
     test = submission.tests[index]
     language = submission.language
-    result = await run(run_job(language, files, test.stdin, test.limits, test.args), f"test {index + 1}")
+    solution = run_job(language, files, test.stdin, test.limits, test.args)
+    if submission.interactor is not None:
+        assert run_pair is not None
+        return await _run_interactive(submission.interactor, test, solution, run_pair, index)
+    result = await run(solution, f"test {index + 1}")
     verdict = run_verdict(result)
-    if verdict == "runtime_error" and language.memory_error and language.memory_error.encode() in result.stderr:
+    if _ran_out_of_memory(language, result):
         return CaseVerdict(test.name, "memory_limit_exceeded", result, f"{language.memory_error} on stderr")
     if verdict is not None:
         return CaseVerdict(test.name, verdict, result, result.message if verdict == "internal_error" else None)
@@ -164,7 +186,55 @@ async def _run_test(submission: Submission, files: tuple[InputFile, ...], index:
     return CaseVerdict(test.name, verdict, result, message)
 
 
-async def judge(submission: Submission, run: RunJob) -> Judgement:
+def interactor_job(interactor: CompiledProgram, test: Case) -> JobSpec:
+    """The interactor's job for a test: the test's input and expected output as files (their
+    names as arguments), its wall clock at least the solution's and a second, so that a slow
+    solution is the solution's time limit and not the interactor's failure."""
+    inputs = (test.stdin, test.expected_output if test.expected_output is not None else b"")
+    files = interactor.files + tuple(InputFile(path=name, content=content)
+                                     for name, content in zip(INTERACTOR_INPUTS, inputs))
+    limits = interactor.language.run_limits
+    limits = dataclasses.replace(limits, wall_time_s=max(limits.wall_time_s, test.limits.wall_time_s + 1))
+    spec = run_job(interactor.language, files, None, limits)
+    return dataclasses.replace(spec, argv=spec.argv + INTERACTOR_INPUTS)
+
+
+async def _run_interactive(interactor: CompiledProgram, test: Case, solution: JobSpec, run_pair: RunPair,
+                           index: int) -> CaseVerdict:
+    solution = dataclasses.replace(solution, stdin=None)
+    result, judged = await run_pair(solution, interactor_job(interactor, test), f"test {index + 1}")
+    verdict, message = interactive_verdict(interactor.language, result, judged)
+    return CaseVerdict(test.name, verdict, result, message)
+
+
+def interactive_verdict(language: Language, result: Result, judged: Result) -> tuple[str, str | None]:
+    """(verdict, message) of an interactive test from the solution's run and the
+    interactor's. The solution's limits come first (a solution too slow to answer is its
+    own time limit, whatever the interactor concluded); then the interactor's exit decides:
+    1 rejects, 0 accepts unless the solution crashed (a runtime error); anything else is the
+    interactor's failure, an internal error, unless it only died of the solution's crash
+    (SIGPIPE: its peer was gone)."""
+    said = excerpt(judged.stderr, 300).strip() or None
+    verdict = run_verdict(result)
+    if _ran_out_of_memory(language, result):
+        return "memory_limit_exceeded", f"{language.memory_error} on stderr"
+    if verdict in ("time_limit_exceeded", "memory_limit_exceeded", "output_limit_exceeded", "internal_error"):
+        return verdict, result.message if verdict == "internal_error" else said
+    crashed = verdict == "runtime_error" and result.signal != signal.SIGPIPE
+    if judged.status == "runtime_error" and judged.exit_code == 1:
+        return "wrong_answer", said
+    if judged.status == "ok" and judged.exit_code == 0:
+        return ("runtime_error", said) if crashed else ("accepted", said)
+    if crashed and judged.signal == signal.SIGPIPE:
+        return "runtime_error", said
+    return "internal_error", f"the interactor failed ({judged.status}, exit {judged.exit_code}" + (
+        f", signal {judged.signal})" if judged.signal else ")") + (f": {said}" if said else "")
+
+
+async def judge(submission: Submission, run: RunJob, run_pair: RunPair | None = None) -> Judgement:
+    """Judge a submission; `run_pair` is needed when it has an interactor."""
+    if submission.interactor is not None and run_pair is None:
+        raise ValueError("an interactive submission needs a way to run piped jobs")
     files, compile_result, failure = await build(submission.language, submission.source, run,
                                                  limits=submission.compile_limits, others=submission.files)
     if files is None:
@@ -172,12 +242,13 @@ async def judge(submission: Submission, run: RunJob) -> Judgement:
         verdict = compile_verdict(compile_result)[0] if compile_result.status != "ok" or \
             compile_result.exit_code != 0 else "internal_error"
         return Judgement(verdict, compile_result, message=failure)
-    verdicts = await _run_tests(submission, files, run)
+    verdicts = await _run_tests(submission, files, run, run_pair)
     overall = next((test.verdict for test in verdicts if test.verdict not in ("accepted", "skipped")), "accepted")
     return Judgement(overall, compile_result, verdicts)
 
 
-async def _run_tests(submission: Submission, files: tuple[InputFile, ...], run: RunJob) -> tuple[CaseVerdict, ...]:
+async def _run_tests(submission: Submission, files: tuple[InputFile, ...], run: RunJob,
+                     run_pair: RunPair | None) -> tuple[CaseVerdict, ...]:
     count = len(submission.tests)
     slots = asyncio.Semaphore(max(1, submission.parallel_tests))
     first_failure = count  # the index of the first failing test seen so far
@@ -188,7 +259,7 @@ async def _run_tests(submission: Submission, files: tuple[InputFile, ...], run: 
         async with slots:
             if index > first_failure:
                 return CaseVerdict(submission.tests[index].name, "skipped", None, "an earlier test failed")
-            verdict = await _run_test(submission, files, index, run)
+            verdict = await _run_test(submission, files, index, run, run_pair)
         if submission.stop_on_first_failure and verdict.verdict != "accepted" and index < first_failure:
             first_failure = index
             for later in tasks[index + 1:]:

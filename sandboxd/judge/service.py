@@ -11,7 +11,9 @@ Judging. A submission is a row in `submissions` (queued, running, finished) and,
 judged, an asyncio task running `judge()`. Every job it needs (the compile, each test, each
 checker run) is submitted through the scheduler like any job, so it is queued fairly and
 accounted to the tenant, labelled submission=<id> and role=<role> ("compile", "test 3",
-"checker compile", "checker 3"). A task cancelled (stop on first failure, the service
+"checker compile", "checker 3", "interactor compile", "interactor 3"). An interactive
+test's two jobs are submitted as one batch, piped to each other (scheduler.py: the
+interactor rides with the solution). A task cancelled (stop on first failure, the service
 draining) cancels its scheduler jobs. Tests run in parallel up to the tenant's concurrency
 limit, never more than MAX_PARALLEL_TESTS.
 
@@ -31,11 +33,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Mapping
 
-from sandboxd.job import InputFile, JobSpec, Result, internal_error_result
+from sandboxd.job import InputFile, JobSpec, Result, StdioPipe, internal_error_result
 from sandboxd.jobs import CANCELLED, JobRecord, JobRequest
-from sandboxd.judge.checkers import OutputChecker, ProgramChecker
-from sandboxd.judge.judging import (CompiledChecker, Judgement, RunJob, Submission, Case, CaseVerdict, build,
-                                    excerpt, judge)
+from sandboxd.judge.checkers import OutputChecker, ProgramSource
+from sandboxd.judge.judging import (Case, CaseVerdict, CompiledProgram, Judgement, RunJob, RunPair, Submission,
+                                    build, excerpt, judge)
 from sandboxd.judge.languages import Language, LanguageStatus, probe_language
 from sandboxd.limits import Limits
 from sandboxd.scheduler.scheduler import QuotaError, Scheduler
@@ -61,7 +63,7 @@ class SubmissionRequest:
     language: Language
     source: bytes
     tests: tuple[Case, ...]
-    checker: OutputChecker | ProgramChecker
+    checker: OutputChecker | ProgramSource
     stop_on_first_failure: bool = False
     labels: tuple[tuple[str, str], ...] = ()
     files: tuple[InputFile, ...] = ()  # the submission's other files, beside the source
@@ -70,6 +72,7 @@ class SubmissionRequest:
     keep_output: bool = False
     # What the API that made it shows back with it (Judge0 echoes its request's fields).
     api_request: dict[str, Any] | None = None
+    interactor: ProgramSource | None = None  # an interactive problem's: the checker is unused
 
 
 OnFinished = Callable[[SubmissionRecord], Awaitable[None]]
@@ -309,26 +312,38 @@ class JudgeService:
             except Exception:  # noqa: BLE001 - the submission is judged and stored all the same
                 self._log.exception("submission.on_finished_failed", submission_id=final.id)
 
+    async def _compiled(self, program: ProgramSource, what: str, tenant: Tenant,
+                        run: RunJob) -> tuple[CompiledProgram | None, str | None]:
+        """A checker or interactor compiled (within the tenant's maxima), or why it is not."""
+        language = self.languages[program.language]
+        language = dataclasses.replace(language, run_limits=capped(language.run_limits, tenant))
+        files, result, failure = await build(language, program.source.encode(), run, f"{what} compile",
+                                             capped(language.compile_limits, tenant))
+        if files is None:
+            said = failure or (excerpt(result.stderr, CHECKER_OUTPUT_BYTES).strip() if result else "")
+            return None, f"the {what} does not compile" + (f": {said}" if said else "")
+        return CompiledProgram(language, files), None
+
     async def _judgement(self, tenant: Tenant, request: SubmissionRequest, submission_id: str):
         """(verdict, message, compile, tests) as the submission's record holds them."""
         run = self._run_job(tenant, submission_id, request.labels)
-        checker: OutputChecker | CompiledChecker
-        if isinstance(request.checker, ProgramChecker):
-            language = self.languages[request.checker.language]
-            language = dataclasses.replace(language, run_limits=capped(language.run_limits, tenant))
-            files, result, failure = await build(language, request.checker.source.encode(), run, "checker compile",
-                                                 capped(language.compile_limits, tenant))
-            if files is None:
-                said = failure or (excerpt(result.stderr, CHECKER_OUTPUT_BYTES).strip() if result else "")
-                return "internal_error", "the checker does not compile" + (f": {said}" if said else ""), None, ()
-            checker = CompiledChecker(language, files)
+        checker: OutputChecker | CompiledProgram | None = None
+        interactor: CompiledProgram | None = None
+        if request.interactor is not None:
+            interactor, failure = await self._compiled(request.interactor, "interactor", tenant, run)
+        elif isinstance(request.checker, ProgramSource):
+            checker, failure = await self._compiled(request.checker, "checker", tenant, run)
         else:
-            checker = request.checker
+            checker, failure = request.checker, None
+        if failure is not None:
+            return "internal_error", failure, None, ()
         submission = Submission(language=request.language, source=request.source, tests=request.tests,
-                                checker=checker, stop_on_first_failure=request.stop_on_first_failure,
+                                checker=checker or OutputChecker("exact"),
+                                stop_on_first_failure=request.stop_on_first_failure,
                                 parallel_tests=parallel_tests(tenant),
-                                compile_limits=capped(request.language.compile_limits, tenant), files=request.files)
-        judgement: Judgement = await judge(submission, run)
+                                compile_limits=capped(request.language.compile_limits, tenant), files=request.files,
+                                interactor=interactor)
+        judgement: Judgement = await judge(submission, run, self._run_pair(tenant, submission_id, request.labels))
         keep = request.keep_output
         return (judgement.verdict, judgement.message, compile_json(judgement.compile_result, keep),
                 tuple(case_json(test, keep) for test in judgement.tests))
@@ -337,21 +352,39 @@ class JudgeService:
 
     def _run_job(self, tenant: Tenant, submission_id: str, labels: tuple[tuple[str, str], ...]) -> RunJob:
         async def run(spec: JobSpec, role: str) -> Result:
-            job_labels = tuple(sorted({**dict(labels), "submission": submission_id, "role": role}.items()))
-            request = JobRequest(argv=spec.argv, image=spec.image, limits=spec.limits, stdin=spec.stdin,
-                                 files=spec.files, env=spec.env, labels=job_labels)
-            submitting = asyncio.ensure_future(self._scheduler.submit(tenant, [request]))
-            try:
-                record = (await asyncio.shield(submitting))[0]
-            except asyncio.CancelledError:
-                submitting.add_done_callback(self._cancel_when_accepted)
-                raise
-            try:
-                return await self._job_result(record.id)
-            except asyncio.CancelledError:
-                self._cancel_job(record.id)
-                raise
+            return (await self._run_together(tenant, submission_id, labels, ((spec, role),)))[0]
         return run
+
+    def _run_pair(self, tenant: Tenant, submission_id: str, labels: tuple[tuple[str, str], ...]) -> RunPair:
+        async def run_pair(solution: JobSpec, interactor: JobSpec, role: str) -> tuple[Result, Result]:
+            group = uuid.uuid4().hex
+            specs = ((dataclasses.replace(solution, stdio_pipe=StdioPipe(group, 0)), role),
+                     (dataclasses.replace(interactor, stdio_pipe=StdioPipe(group, 1)),
+                      role.replace("test", "interactor", 1)))
+            first, second = await self._run_together(tenant, submission_id, labels, specs)
+            return first, second
+        return run_pair
+
+    async def _run_together(self, tenant: Tenant, submission_id: str, labels: tuple[tuple[str, str], ...],
+                            specs: tuple[tuple[JobSpec, str], ...]) -> list[Result]:
+        """Submit the jobs in one batch (a piped pair starts together) and wait for all."""
+        requests = [JobRequest(argv=spec.argv, image=spec.image, limits=spec.limits, stdin=spec.stdin,
+                               files=spec.files, env=spec.env, stdio_pipe=spec.stdio_pipe,
+                               labels=tuple(sorted({**dict(labels), "submission": submission_id,
+                                                    "role": role}.items())))
+                    for spec, role in specs]
+        submitting = asyncio.ensure_future(self._scheduler.submit(tenant, requests))
+        try:
+            records = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(self._cancel_when_accepted)
+            raise
+        try:
+            return list(await asyncio.gather(*(self._job_result(record.id) for record in records)))
+        except asyncio.CancelledError:
+            for record in records:
+                self._cancel_job(record.id)
+            raise
 
     def _cancel_when_accepted(self, submitting: asyncio.Future) -> None:
         if not submitting.cancelled() and submitting.exception() is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from sandboxd.images import Image, resolve_image
-from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, internal_error_result, new_job_id
+from sandboxd.job import DEFAULT_HOSTNAME, WORKDIR, JobSpec, Result, StdioPipe, internal_error_result, new_job_id
 from sandboxd.limits import Limits, default_limit_policy
 from sandboxd.runtime import libc
 from sandboxd.runtime.cgroup import CgroupDriver, CgroupError, JobCgroup, block_devices, detect_driver
@@ -158,6 +158,10 @@ class Runtime:
         self._starting: dict[str, _Container] = {}  # job id -> the container it waits for
         self._pids: dict[str, int] = {}  # job id -> its container's host pid, while it runs
         self._cloning: deque[_Container] = deque()  # asked of the zygote, in order
+        # (pipe group, side) -> that side's (stdin, stdout) ends, made when the other side
+        # started and held until this side's order carries them.
+        self._pipe_ends: dict[tuple[str, int], tuple[int, int]] = {}
+        self._pipe_sides_gone: set[tuple[str, int]] = set()  # sides that ended without starting
         self._zygote: ZygoteClient | None = None
         compiled_filter()  # compile once here; every job's order carries the program
         if zygote:
@@ -312,6 +316,7 @@ class Runtime:
             return
         self._discard(container)
         del self._starting[waiting.spec.job_id]
+        self._drop_pipe_ends(waiting.spec.stdio_pipe)
         waiting.on_done(internal_error_result(f"building the container: {container.failure}"))
 
     def _discard(self, container: _Container) -> None:
@@ -383,14 +388,47 @@ class Runtime:
             self._send_order(container, waiting)
         except Exception as error:  # noqa: BLE001 - a job's failure must not stop the loop
             self._discard(container)
+            self._drop_pipe_ends(waiting.spec.stdio_pipe)
             waiting.on_done(internal_error_result(f"starting the job: {type(error).__name__}: {error}"))
+
+    def _take_pipe_ends(self, pipe: StdioPipe) -> tuple[int, int]:
+        """This side's (stdin, stdout): the first side of a group to start makes both pipes
+        and leaves the other side its ends. Ours are closed once our order carries them, so
+        when one side ends the other reads EOF (or gets SIGPIPE) instead of waiting."""
+        ends = self._pipe_ends.pop((pipe.group, pipe.side), None)
+        if ends is not None:
+            return ends
+        if (pipe.group, 1 - pipe.side) in self._pipe_sides_gone:
+            self._pipe_sides_gone.discard((pipe.group, 1 - pipe.side))
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            os.close(read_end)  # no one will read: a write gets EPIPE
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), write_end
+        to_peer_read, to_peer_write = os.pipe2(os.O_CLOEXEC)
+        from_peer_read, from_peer_write = os.pipe2(os.O_CLOEXEC)
+        self._pipe_ends[(pipe.group, 1 - pipe.side)] = (to_peer_read, from_peer_write)
+        return from_peer_read, to_peer_write
+
+    def _drop_pipe_ends(self, pipe: StdioPipe | None) -> None:
+        """A side that will never start: its ends, if the other side left them, are closed;
+        else the other side, when it starts, gets no peer (EOF, and EPIPE on writing)."""
+        if pipe is None:
+            return
+        ends = self._pipe_ends.pop((pipe.group, pipe.side), None)
+        if ends is None:
+            self._pipe_sides_gone.add((pipe.group, pipe.side))
+        for fd in ends or ():
+            os.close(fd)
 
     def _send_order(self, container: _Container, waiting: _Waiting) -> None:
         spec, cgroup = waiting.spec, container.cgroup
         assert container.control is not None
-        stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
-        stdin_fd = _stdin_fd(spec.stdin)
+        if spec.stdio_pipe is None:
+            stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
+            stdin_fd = _stdin_fd(spec.stdin)
+        else:
+            stdout_read = -1  # the other side reads it
+            stdin_fd, stdout_write = self._take_pipe_ends(spec.stdio_pipe)
         try:
             if waiting.killed_for is not None:
                 # Killed before its order: it dies without it (and so reports nothing).
@@ -401,7 +439,8 @@ class Runtime:
             started_ns = time.monotonic_ns()
         except BaseException:
             for fd in (stdout_read, stderr_read):
-                os.close(fd)
+                if fd != -1:
+                    os.close(fd)
             raise
         finally:
             for fd in (stdin_fd, stdout_write, stderr_write):
@@ -431,7 +470,7 @@ class Runtime:
                 cgroup=cgroup,
                 on_gone=on_gone,
                 report_fd=container.report_fd,
-                stdout=OutputStream(stdout_read, limits.output_bytes),
+                stdout=OutputStream(stdout_read, limits.output_bytes, open=stdout_read != -1),
                 stderr=OutputStream(stderr_read, limits.output_bytes),
                 started_ns=started_ns,
                 on_done=on_done,
@@ -467,7 +506,11 @@ class Runtime:
         its Result from a later step(). Raises UnknownImageError for an unknown image. Then
         refill the pool: its containers prepare while the job runs, not after it, when its
         result and the next request are on their way."""
-        self._place(_Waiting(spec, self._job_order(spec), on_done))
+        try:
+            self._place(_Waiting(spec, self._job_order(spec), on_done))
+        except BaseException:
+            self._drop_pipe_ends(spec.stdio_pipe)
+            raise
         self.prewarm()
 
     def kill(self, job_id: str, reason: str) -> None:

@@ -106,11 +106,14 @@ class Supervisor:
         return sum(1 for job in self._jobs.values() if job.result is None)
 
     def watch(self, job: RunningJob) -> None:
-        for fd in (job.stdout.fd, job.stderr.fd, job.report_fd):
-            _nonblocking(fd)
+        """Follow a started job. A stream already closed (a piped job's stdout, which its peer
+        reads) is not watched."""
         self._jobs[job.pid] = job
-        self._selector.register(job.stdout.fd, selectors.EVENT_READ, (job, "stdout"))
-        self._selector.register(job.stderr.fd, selectors.EVENT_READ, (job, "stderr"))
+        for stream, what in ((job.stdout, "stdout"), (job.stderr, "stderr")):
+            if stream.open:
+                _nonblocking(stream.fd)
+                self._selector.register(stream.fd, selectors.EVENT_READ, (job, what))
+        _nonblocking(job.report_fd)
         self._selector.register(job.report_fd, selectors.EVENT_READ, (job, "report"))
         self._selector.register(job.pidfd, selectors.EVENT_READ, (job, "exit"))
 

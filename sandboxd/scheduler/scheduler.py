@@ -5,6 +5,11 @@ Durability: a job is committed before its submission is answered; it is committe
 running before the runtime sees it, so after a crash it is either still queued (and runs)
 or was running (and is finished as an internal error): never lost, never run twice. The
 final result is written off the hot path; until it is, the record is served from memory.
+
+Riders: an interactive problem's interactor (side 1 of a pipe group) submitted right after
+its solution (side 0) rides with it: it starts when the solution does, takes no worker slot
+and no turn in the queue. The two must run at once (each waits for the other's output), and
+a tenant limited to one job at a time would otherwise never see them both started.
 """
 
 from __future__ import annotations
@@ -58,6 +63,17 @@ class _Active:
     launched: Awaitable[Result] | None = None  # sent to the runner while its row commits
     cancel_requested: bool = False
     stop_requested: bool = False
+    rider: _Active | None = None  # the job piped to this one, started with it
+    riding: bool = False  # a rider: takes no worker slot of its own, and is never queued
+
+
+def _rides_with(request: JobRequest, leader: _Active | None) -> bool:
+    """Whether `request` is the piped partner (side 1) of `leader` (side 0): an interactor
+    rides with its solution, so the two always run together and neither waits for the
+    other behind a tenant's concurrency limit."""
+    pipe = request.stdio_pipe
+    lead = leader.request.stdio_pipe if leader is not None else None
+    return pipe is not None and lead is not None and pipe.side == 1 and lead.side == 0 and pipe.group == lead.group
 
 
 def _wake(waiter: asyncio.Future) -> None:
@@ -129,12 +145,17 @@ class Scheduler:
         since = self._cpu_day + "T00:00:00.000000Z"
         self._cpu_seconds_today = await self._reader.aread(lambda c: cpu_seconds_since(c, since))
         tenants: dict[str, Tenant] = {}
+        previous: _Active | None = None
         for record, request in queued:
             if record.tenant not in tenants:
                 found = await self._reader.aread(lambda c, name=record.tenant: get_tenant(c, name))
                 tenants[record.tenant] = self._tenants[record.tenant] = found or Tenant(name=record.tenant)
-            self._active[record.id] = _Active(record, request, tenants[record.tenant])
-            self._queue.push(record.tenant, record.id)
+            active = self._active[record.id] = _Active(record, request, tenants[record.tenant])
+            if previous is not None and _rides_with(request, previous):
+                active.riding, previous.rider = True, active
+            else:
+                self._queue.push(record.tenant, record.id)
+            previous = active
         if queued:
             self._log.info("scheduler.requeued", jobs=len(queued))
         self._pump()
@@ -182,6 +203,14 @@ class Scheduler:
             record = JobRecord(id=new_job_id(), tenant=tenant.name, state=QUEUED, created_at=now,
                                image=request.image, argv=request.argv, limits=request.limits, labels=request.labels)
             active = _Active(record, request, tenant)
+            leader = accepted[-1] if accepted else None
+            if leader is not None and _rides_with(request, leader):
+                active.riding, leader.rider = True, active
+                if leader.record.state == RUNNING:
+                    active.record = record.replace(state=RUNNING, started_at=now)
+                    starting.append(active)
+                accepted.append(active)
+                continue
             # Straight to running when a worker is free and the tenant has nothing waiting:
             # one commit instead of two, and no turn through the queue.
             if self._queue.depth(tenant.name) == 0 and self._may_start(tenant):
@@ -212,7 +241,8 @@ class Scheduler:
                       state=active.record.state)
             if active.record.state == QUEUED:
                 self._active[active.record.id] = active
-                self._queue.push(tenant.name, active.record.id)
+                if not active.riding:
+                    self._queue.push(tenant.name, active.record.id)
         self._metrics.jobs_submitted.inc(amount=len(accepted))
         self._pump()
         return [active.record for active in accepted]
@@ -243,6 +273,10 @@ class Scheduler:
             active = self._active[picked[1]]
             active.record = active.record.replace(state=RUNNING, started_at=utc_now())
             self._reserve(active.tenant.name)
+            rider = active.rider
+            if rider is not None and rider.record.state == QUEUED:
+                rider.record = rider.record.replace(state=RUNNING, started_at=active.record.started_at)
+                self._spawn(self._start_queued(rider))
             self._spawn(self._start_queued(active))
 
     def _active_tenant(self, name: str) -> Tenant:
@@ -283,7 +317,7 @@ class Scheduler:
         final = record.replace(state=state, finished_at=utc_now(), result=result)
         active.record = final
         del self._active[record.id]
-        if was_running:
+        if was_running and not active.riding:
             self._release(record.tenant)
         self._unpersisted[record.id] = final
         if result is not None:
@@ -344,6 +378,9 @@ class Scheduler:
         if active.record.state == QUEUED:
             self._queue.remove(active.tenant.name, job_id)
             self._finish(active, CANCELLED, None)
+            rider = active.rider
+            if rider is not None and rider.record.state == QUEUED:  # it would wait for no one
+                self._finish(rider, CANCELLED, None)
         else:
             active.cancel_requested = True
             self._runner.kill(job_id)

@@ -26,7 +26,8 @@ SUBMISSION_FIELDS = {"id", "tenant", "state", "language", "verdict", "created_at
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("judge-state")
-    keys = {"alice": add_tenant(state_dir, "alice"), "bob": add_tenant(state_dir, "bob")}
+    keys = {"alice": add_tenant(state_dir, "alice"), "bob": add_tenant(state_dir, "bob"),
+            "carol": add_tenant(state_dir, "carol", "--max-concurrent", "1")}
     service = Service(state_dir, "--warm", "1").start()
     service.keys = keys
     yield service
@@ -128,6 +129,48 @@ def test_a_checker_program_decides_and_one_that_does_not_compile_is_an_internal_
     assert submission["verdict"] == "internal_error" and "checker does not compile" in submission["message"]
 
 
+GUESS_INTERACTOR = """
+import sys
+secret = int(open(sys.argv[1]).read())
+for guesses in range(1, 8):
+    guess = int(sys.stdin.readline() or 0)
+    print("=" if guess == secret else ("<" if secret < guess else ">"), flush=True)
+    if guess == secret:
+        sys.exit(0)
+print("out of guesses", file=sys.stderr)
+sys.exit(1)
+"""
+GUESS_SOLUTION = """
+low, high = 1, 100
+while True:
+    middle = (low + high) // 2
+    print(middle, flush=True)
+    answer = input()
+    if answer == "=":
+        break
+    low, high = (low, middle - 1) if answer == "<" else (middle + 1, high)
+"""
+
+
+def test_an_interactive_submission_pipes_each_test_to_its_interactor_even_one_job_at_a_time(api):
+    # carol may run one job at a time: the interactor rides with its solution, or the two
+    # would wait for each other forever.
+    tests = [{"stdin": str(secret)} for secret in (1, 50, 100)]
+    submission = judged(api, {"language": "python", "source": GUESS_SOLUTION, "tests": tests,
+                              "interactor": {"language": "python", "source": GUESS_INTERACTOR}}, api.keys["carol"])
+    assert submission["verdict"] == "accepted", submission
+    assert [test["verdict"] for test in submission["tests"]] == ["accepted"] * 3
+    jobs = api.request("GET", f"/v1/jobs?label=submission={submission['id']}", api.keys["carol"]).json()["jobs"]
+    assert sorted(job["labels"]["role"] for job in jobs) == sorted(
+        ["compile", "interactor compile", "test 1", "test 2", "test 3", "interactor 1", "interactor 2",
+         "interactor 3"])
+    assert all(job["state"] == "done" and job["result"]["status"] == "ok" for job in jobs), jobs
+    lost = judged(api, {"language": "python", "source": "print(1, flush=True)\ninput()\nprint(1, flush=True)",
+                        "tests": tests[2:], "interactor": {"language": "python", "source": GUESS_INTERACTOR}},
+                  api.keys["carol"])
+    assert lost["verdict"] == "wrong_answer", lost
+
+
 def test_without_wait_the_submission_is_accepted_at_once(api):
     reply = api.request("POST", "/v1/submissions", api.keys["alice"],
                         {"language": "python", "source": {"base64": base64.b64encode(PY_SUM.encode()).decode()},
@@ -154,6 +197,13 @@ def test_without_wait_the_submission_is_accepted_at_once(api):
     ({"language": "python", "source": PY_SUM, "tests": TESTS, "limits": {"bogus": 1}}, "limits.bogus"),
     ({"language": "python", "source": PY_SUM, "tests": TESTS, "labels": {"role": "x"}}, "labels['role']"),
     ({"language": "python", "source": PY_SUM, "tests": TESTS, "extra": 1}, "extra"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS, "checker": "tokens",
+      "interactor": {"language": "python", "source": "x"}}, "checker"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS,
+      "interactor": {"language": "cobol", "source": "x"}}, "interactor.language"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS, "interactor": {"language": "python"}},
+     "interactor.source"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS, "interactor": "python"}, "interactor"),
 ])
 def test_invalid_submissions_are_422_naming_the_field(api, body, field):
     reply = api.request("POST", "/v1/submissions?wait=true", api.keys["alice"], body)

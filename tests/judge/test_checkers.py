@@ -13,7 +13,7 @@ from sandboxd.judge.checkers import (
     DEFAULT_FLOAT_TOLERANCE,
     CheckerError,
     OutputChecker,
-    ProgramChecker,
+    ProgramSource,
     exact,
     float_tokens,
     judge0_accepts,
@@ -270,7 +270,7 @@ def test_judge0_accepts_as_judge0_1_13_1_does(expected, stdout, accepted):
     ({"type": "float", "absolute_tolerance": 1e-9, "relative_tolerance": 1e-3}, OutputChecker("float", 1e-9, 1e-3)),
     ({"type": "float", "absolute_tolerance": 0.01}, OutputChecker("float", 0.01, 0.0)),  # only that one
     ({"type": "float", "relative_tolerance": 0}, OutputChecker("float", 0.0, 0.0)),
-    ({"type": "program", "language": "cpp", "source": "int main() {}"}, ProgramChecker("cpp", "int main() {}")),
+    ({"type": "program", "language": "cpp", "source": "int main() {}"}, ProgramSource("cpp", "int main() {}")),
 ])
 def test_parse_checker(data, spec):
     assert parse_checker(data) == spec

@@ -12,7 +12,7 @@ import pytest
 from conftest import EMULATED_CPU, JVM_FLAGS
 from sandboxd.job import JobSpec, Result
 from sandboxd.judge.checkers import OutputChecker
-from sandboxd.judge.judging import CompiledChecker, Judgement, Submission, Case, build, judge
+from sandboxd.judge.judging import CompiledProgram, Judgement, Submission, Case, build, judge
 from sandboxd.judge.languages import load_languages
 
 LANGUAGES = load_languages()
@@ -154,11 +154,11 @@ def test_a_compiler_bomb_is_a_compilation_error_within_the_compile_limits(runtim
     assert "exceeded" in judgement.message
 
 
-def _checker(runtime, source: str) -> CompiledChecker:
+def _checker(runtime, source: str) -> CompiledProgram:
     language = LANGUAGES["python"]
     files, _, failure = asyncio.run(build(language, source.encode(), _runner(runtime), "checker compile"))
     assert files is not None, failure
-    return CompiledChecker(language, files)
+    return CompiledProgram(language, files)
 
 
 def test_a_checker_program_decides_and_a_failing_checker_is_an_internal_error(runtime):
