@@ -12,8 +12,10 @@ from aiohttp import web
 from sandboxd.api.errors import ApiError, invalid
 from sandboxd.api.http import (DEFAULT_WAIT_S, JOB_ID_RE, MAX_WAIT_S, TENANT_KEY, ServiceContext, _body, _flag,
                                _json, _number, _query)
-from sandboxd.api.requests import LABEL_NAME_RE, MAX_LABEL_VALUE_CHARS, MAX_LABELS, _content, _object, _string_map
+from sandboxd.api.requests import (LABEL_NAME_RE, MAX_LABEL_VALUE_CHARS, MAX_LABELS, _content, _files, _object,
+                                   _string_map)
 from sandboxd.judge.checkers import CheckerError, ProgramSource, parse_checker
+from sandboxd.job import InputFile
 from sandboxd.judge.judging import Case
 from sandboxd.judge.languages import Language
 from sandboxd.judge.service import RESERVED_LABELS, JudgeService, SubmissionRequest
@@ -22,8 +24,8 @@ from sandboxd.scheduler.scheduler import QuotaError
 from sandboxd.store.submissions import SubmissionRecord, get_submission
 from sandboxd.store.tenants import Tenant
 
-SUBMISSION_FIELDS = {"language", "source", "tests", "checker", "interactor", "limits", "stop_on_first_failure",
-                     "labels"}
+SUBMISSION_FIELDS = {"language", "source", "files", "tests", "checker", "interactor", "limits",
+                     "stop_on_first_failure", "labels"}
 INTERACTOR_FIELDS = {"language", "source"}
 TEST_FIELDS = {"name", "stdin", "expected_output", "limits"}
 MAX_SOURCE_BYTES = 1 << 20
@@ -106,6 +108,26 @@ def _tests(value: Any, language: Language, shared: dict[str, Any], policy: Limit
     return tuple(tests)
 
 
+def _source_and_files(submission: dict[str, Any], language: Language) -> tuple[bytes, tuple[InputFile, ...]]:
+    """The source, and the other files beside it. Without `source`, the file named as the
+    language's source file (main.c, main.py, ...) is the source."""
+    files = _files(submission.get("files", {}))
+    named = [file for file in files if file.path == language.source_file]
+    if "source" in submission:
+        if named:
+            raise invalid(f"files[{language.source_file!r}]", "is the source's own name: give it as `source` only")
+        source = _content(submission["source"], "source")
+    elif named:
+        source, files = named[0].content, tuple(file for file in files if file is not named[0])
+    else:
+        raise invalid("source", f"is required (or a file named {language.source_file!r} in `files`)")
+    if not source.strip():
+        raise invalid("source", "must not be empty")
+    if len(source) + sum(len(file.content) for file in files) > MAX_SOURCE_BYTES:
+        raise invalid("source", f"the source and its files are over {MAX_SOURCE_BYTES} bytes")
+    return source, files
+
+
 def _program(program: ProgramSource, field: str, languages: dict[str, Language]) -> None:
     _language(program.language, f"{field}.language", languages)
     if len(program.source.encode()) > MAX_SOURCE_BYTES:
@@ -131,15 +153,11 @@ def parse_submission(body: Any, *, languages: dict[str, Language], policy: Limit
     unknown = sorted(set(submission) - SUBMISSION_FIELDS)
     if unknown:
         raise invalid(unknown[0], f"unknown field (known: {', '.join(sorted(SUBMISSION_FIELDS))})")
-    for required in ("language", "source", "tests"):
+    for required in ("language", "tests"):
         if required not in submission:
             raise invalid(required, "is required")
     language = _language(submission["language"], "language", languages)
-    source = _content(submission["source"], "source")
-    if not source.strip():
-        raise invalid("source", "must not be empty")
-    if len(source) > MAX_SOURCE_BYTES:
-        raise invalid("source", f"is over {MAX_SOURCE_BYTES} bytes")
+    source, files = _source_and_files(submission, language)
     try:
         checker = parse_checker(submission.get("checker", "lines"))
     except CheckerError as error:
@@ -163,7 +181,8 @@ def parse_submission(body: Any, *, languages: dict[str, Language], policy: Limit
             raise invalid(f"labels[{name!r}]", "is set by the service on the submission's jobs")
     return SubmissionRequest(language=language, source=source,
                              tests=_tests(submission["tests"], language, shared, policy, tenant),
-                             checker=checker, stop_on_first_failure=stop, labels=labels, interactor=interactor)
+                             checker=checker, stop_on_first_failure=stop, labels=labels, interactor=interactor,
+                             files=files)
 
 
 # --- objects ---------------------------------------------------------------------------------

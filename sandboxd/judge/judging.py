@@ -211,9 +211,9 @@ def interactive_verdict(language: Language, result: Result, judged: Result) -> t
     """(verdict, message) of an interactive test from the solution's run and the
     interactor's. The solution's limits come first (a solution too slow to answer is its
     own time limit, whatever the interactor concluded); then the interactor's exit decides:
-    1 rejects, 0 accepts unless the solution crashed (a runtime error); anything else is the
-    interactor's failure, an internal error, unless it only died of the solution's crash
-    (SIGPIPE: its peer was gone)."""
+    1 rejects, 0 accepts unless the solution crashed (a runtime error). An interactor killed
+    by SIGPIPE wrote to a solution that had left: the solution's crash, or a rejection.
+    Anything else is the interactor's failure, an internal error."""
     said = excerpt(judged.stderr, 300).strip() or None
     verdict = run_verdict(result)
     if _ran_out_of_memory(language, result):
@@ -225,8 +225,9 @@ def interactive_verdict(language: Language, result: Result, judged: Result) -> t
         return "wrong_answer", said
     if judged.status == "ok" and judged.exit_code == 0:
         return ("runtime_error", said) if crashed else ("accepted", said)
-    if crashed and judged.signal == signal.SIGPIPE:
-        return "runtime_error", said
+    if judged.signal == signal.SIGPIPE:  # it wrote to a solution that had left
+        return ("runtime_error", said) if crashed else (
+            "wrong_answer", said or "the solution ended before the interactor was done")
     return "internal_error", f"the interactor failed ({judged.status}, exit {judged.exit_code}" + (
         f", signal {judged.signal})" if judged.signal else ")") + (f": {said}" if said else "")
 

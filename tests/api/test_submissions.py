@@ -102,7 +102,7 @@ def test_a_wrong_answer_names_the_failing_test(api):
 
 
 def test_stop_on_first_failure_skips_the_later_tests(api):
-    source = "a, b = map(int, input().split())\nprint(0)"
+    source = "a, b = map(int, input().split())\nprint(-1)"  # wrong on every test
     submission = judged(api, {"language": "python", "source": source, "tests": TESTS, "stop_on_first_failure": True})
     assert submission["verdict"] == "wrong_answer"
     assert [test["verdict"] for test in submission["tests"]][0] == "wrong_answer"
@@ -129,16 +129,26 @@ def test_a_checker_program_decides_and_one_that_does_not_compile_is_an_internal_
     assert submission["verdict"] == "internal_error" and "checker does not compile" in submission["message"]
 
 
+# Python ignores SIGPIPE: writing to a solution that has left raises, and that must be a
+# rejection (exit 1), not the interactor's crash.
 GUESS_INTERACTOR = """
-import sys
+import os, sys
+def reject(why):
+    print(why, file=sys.stderr, flush=True)
+    os._exit(1)
 secret = int(open(sys.argv[1]).read())
 for guesses in range(1, 8):
-    guess = int(sys.stdin.readline() or 0)
-    print("=" if guess == secret else ("<" if secret < guess else ">"), flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        reject("the solution stopped guessing")
+    guess = int(line)
+    try:
+        print("=" if guess == secret else ("<" if secret < guess else ">"), flush=True)
+    except BrokenPipeError:
+        reject("the solution stopped guessing")
     if guess == secret:
         sys.exit(0)
-print("out of guesses", file=sys.stderr)
-sys.exit(1)
+reject("out of guesses")
 """
 GUESS_SOLUTION = """
 low, high = 1, 100
@@ -169,6 +179,19 @@ def test_an_interactive_submission_pipes_each_test_to_its_interactor_even_one_jo
                         "tests": tests[2:], "interactor": {"language": "python", "source": GUESS_INTERACTOR}},
                   api.keys["carol"])
     assert lost["verdict"] == "wrong_answer", lost
+    assert lost["tests"][0]["message"] == "the solution stopped guessing"
+
+
+def test_a_submission_of_several_files_compiles_and_runs_them_together(api):
+    helper = {"adder.py": "def add(a, b):\n    return a + b\n"}
+    main = "from adder import add\na, b = map(int, input().split())\nprint(add(a, b))"
+    for body in ({"source": main, "files": helper}, {"files": {**helper, "main.py": main}}):
+        submission = judged(api, {"language": "python", "tests": TESTS, **body})
+        assert submission["verdict"] == "accepted", submission
+    header = {"sum.h": "static long sum(long a, long b) { return a + b; }\n"}
+    source = "#include <stdio.h>\n#include \"sum.h\"\nint main(void){long a,b;scanf(\"%ld %ld\",&a,&b);" \
+             "printf(\"%ld\\n\",sum(a,b));}"
+    assert judged(api, {"language": "c", "source": source, "files": header, "tests": TESTS})["verdict"] == "accepted"
 
 
 def test_without_wait_the_submission_is_accepted_at_once(api):
@@ -204,6 +227,9 @@ def test_without_wait_the_submission_is_accepted_at_once(api):
     ({"language": "python", "source": PY_SUM, "tests": TESTS, "interactor": {"language": "python"}},
      "interactor.source"),
     ({"language": "python", "source": PY_SUM, "tests": TESTS, "interactor": "python"}, "interactor"),
+    ({"language": "python", "tests": TESTS, "files": {"other.py": "x = 1"}}, "source"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS, "files": {"main.py": "x"}}, "files['main.py']"),
+    ({"language": "python", "source": PY_SUM, "tests": TESTS, "files": {"../up.py": "x"}}, "files['../up.py']"),
 ])
 def test_invalid_submissions_are_422_naming_the_field(api, body, field):
     reply = api.request("POST", "/v1/submissions?wait=true", api.keys["alice"], body)
