@@ -127,7 +127,8 @@ def compile_json(result: Result | None, keep_output: bool = False) -> dict[str, 
             "output": excerpt(result.stderr, COMPILE_OUTPUT_BYTES), "cpu_time_ms": result.cpu_time_ms,
             "wall_time_ms": result.wall_time_ms, "memory_peak_bytes": result.memory_peak_bytes}
     if keep_output:
-        data["output_base64"] = base64.b64encode(result.stderr).decode()
+        data.update(output_base64=base64.b64encode(result.stderr).decode(), signal=result.signal,
+                    limit_hit=result.limit_hit)
     return data
 
 
