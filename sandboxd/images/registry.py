@@ -108,22 +108,27 @@ class RegistryClient:
     def url(self, path: str) -> URL:
         return URL(urljoin(str(self.base), path), encoded=True)
 
+    async def _get(self, url: URL, what: str, limit_bytes: int,
+                   headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str], bytes]:
+        """(status, headers, body) of a GET of `what` (the ping, a token) outside `request`."""
+        try:
+            async with self._session.get(url, headers=headers) as response:
+                return response.status, response.headers, await read_capped(response, limit_bytes, what)
+        except aiohttp.ClientError as error:
+            raise RegistryError(f"cannot reach {url.host} over {url.scheme} for the {what}: {error}") from None
+
     async def ping(self) -> None:
         """Learn how the registry authenticates (once)."""
         if self._pinged:
             return
-        try:
-            async with self._session.get(self.url("/v2/")) as response:
-                await response.read()
-                if response.status == 401:
-                    self._challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-                    if self._challenge is None:
-                        raise RegistryError(f"{self.registry} asks for authentication it does not name "
-                                            f"(WWW-Authenticate: {response.headers.get('WWW-Authenticate')!r})")
-                elif response.status != 200:
-                    raise RegistryError(f"{self.registry} is not an OCI registry: GET /v2/ answered {response.status}")
-        except aiohttp.ClientError as error:
-            raise RegistryError(f"cannot reach {self.registry} over {self.scheme}: {error}") from None
+        status, headers, _ = await self._get(self.url("/v2/"), "answer to GET /v2/", MAX_ERROR_BODY_BYTES)
+        if status == 401:
+            self._challenge = parse_challenge(headers.get("WWW-Authenticate", ""))
+            if self._challenge is None:
+                raise RegistryError(f"{self.registry} asks for authentication it does not name "
+                                    f"(WWW-Authenticate: {headers.get('WWW-Authenticate')!r})")
+        elif status != 200:
+            raise RegistryError(f"{self.registry} is not an OCI registry: GET /v2/ answered {status}")
         self._pinged = True
 
     async def _authorization(self, scopes: tuple[str, ...], challenge: Challenge | None = None) -> str | None:
@@ -154,16 +159,13 @@ class RegistryClient:
             query.append(("service", challenge.param("service") or ""))
         query += [("scope", scope) for scope in scopes]
         headers = {"Authorization": self._credentials.basic_header()} if self._credentials else {}
-        try:
-            async with self._session.get(realm_url.extend_query(query), headers=headers) as response:
-                body = await read_capped(response, MAX_TOKEN_BYTES, "token answer")
-                if response.status == 401:
-                    raise RegistryError(f"the token service of {self.registry} refused "
-                                        f"{'the credentials' if self._credentials else 'anonymous access'}")
-                if response.status != 200:
-                    raise RegistryError(f"the token service of {self.registry} answered {response.status}")
-        except aiohttp.ClientError as error:
-            raise RegistryError(f"cannot reach the token service of {self.registry}: {error}") from None
+        status, _, body = await self._get(realm_url.extend_query(query), "token answer", MAX_TOKEN_BYTES,
+                                          headers)
+        if status == 401:
+            raise RegistryError(f"the token service of {self.registry} refused "
+                                f"{'the credentials' if self._credentials else 'anonymous access'}")
+        if status != 200:
+            raise RegistryError(f"the token service of {self.registry} answered {status}")
         try:
             answer = json.loads(body)
             value = answer.get("token") or answer.get("access_token")
