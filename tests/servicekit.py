@@ -134,12 +134,9 @@ class Service:
         self.stop(signal.SIGKILL)
 
 
-def service_leftovers(state_dir: Path) -> list[str]:
-    """What a stopped service may have left: job cgroups, processes started from its state
-    directory (the launcher and containers carry it in their command line)."""
-    own_base = cgroup_base_for(state_dir).split("/")[-1]  # other services may be running
-    found = [path for path in leftover_job_cgroups() if f"/{own_base}/" in path]
-    marker = str(state_dir)
+def processes_mentioning(path: Path) -> list[str]:
+    """Processes (but this one) whose command line names `path`."""
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -147,6 +144,13 @@ def service_leftovers(state_dir: Path) -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if marker in cmdline:
+        if str(path) in cmdline:
             found.append(f"process {pid}: {cmdline}")
     return found
+
+
+def service_leftovers(state_dir: Path) -> list[str]:
+    """What a stopped service may have left: job cgroups, processes started from its state
+    directory (the launcher and containers carry it in their command line)."""
+    own_base = cgroup_base_for(state_dir).split("/")[-1]  # other services may be running
+    return [path for path in leftover_job_cgroups() if f"/{own_base}/" in path] + processes_mentioning(state_dir)

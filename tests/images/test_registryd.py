@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import urllib.error
 import urllib.parse
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from registryd import SERVICE, start_registry
+from servicekit import processes_mentioning
 
 # Loopback only: a proxy from the environment must not see these requests.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -51,25 +51,10 @@ def basic(username: str | None, password: str | None) -> str:
     return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
-def processes_mentioning(path: Path) -> list[str]:
-    """Processes whose command line names path: the registry and token server name their
-    config files under the work dir."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(path) in cmdline:
-            found.append(f"{pid}: {cmdline}")
-    return found
-
-
 @pytest.fixture
 def work_dir(tmp_path: Path):
     yield tmp_path
+    # The registry and the token server name their config files under the work dir.
     assert processes_mentioning(tmp_path) == [], "a registry or token server outlived start_registry()"
 
 
