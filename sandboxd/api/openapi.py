@@ -99,7 +99,10 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "language": {"type": "string", "description": "A language id of GET /v1/languages"},
-            "source": {**_ref("Content"), "description": "Non-empty, at most 1 MiB"},
+            "source": {**_ref("Content"), "description": "Non-empty; with files, at most 1 MiB together"},
+            "files": {"type": "object", "additionalProperties": _ref("Content"),
+                      "description": "Other files beside the source, by path under the work directory; "
+                                     "without source, the language's source file (main.c, ...) is the source"},
             "tests": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
                 "type": "object", "additionalProperties": False, "properties": {
                     "name": {"type": "string", "description": "Default: its position, from 1"},
