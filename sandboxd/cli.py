@@ -72,6 +72,10 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=30.0, metavar="SEC",
                        help="on SIGTERM, how long running jobs may finish (default 30)")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    serve.add_argument("--callback-host", action="append", default=[], metavar="HOST",
+                       help="a host (name or address) Judge0 callback_urls may point to (repeatable; '*': any "
+                            "host with only public addresses; also $SANDBOXD_CALLBACK_HOSTS, comma-separated; "
+                            "default: none, callbacks are refused)")
 
     tenant = commands.add_parser("tenant", help="add, list, remove tenants; rotate their keys")
     tenants = tenant.add_subparsers(dest="tenant_command", required=True, parser_class=_Parser)
@@ -229,10 +233,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--grace must not be negative")
     options = ServeOptions(host=args.host, port=args.port, state_dir=args.state_dir or default_state_dir(),
                            max_queue=args.max_queue, warm_containers=args.warm, grace_s=args.grace,
-                           log_level=args.log_level)
+                           log_level=args.log_level, callback_hosts=_callback_hosts(args.callback_host))
     if args.workers:
         options = dataclasses.replace(options, workers=args.workers)
     return run_service(options)
+
+
+def _callback_hosts(options: list[str]) -> tuple[str, ...]:
+    """--callback-host, then $SANDBOXD_CALLBACK_HOSTS (comma-separated), each checked now so
+    that a typo stops the service instead of refusing every callback."""
+    from sandboxd.api.callbacks import normalize_callback_host
+
+    entries = [("--callback-host", entry) for entry in options]
+    from_environment = os.environ.get("SANDBOXD_CALLBACK_HOSTS", "").split(",")
+    entries += [("SANDBOXD_CALLBACK_HOSTS", entry) for entry in from_environment]
+    hosts = []
+    for where, entry in entries:
+        if not entry.strip():
+            continue
+        try:
+            hosts.append(normalize_callback_host(entry.strip()))
+        except ValueError as error:
+            raise UsageError(f"{where}: {error}") from None
+    return tuple(dict.fromkeys(hosts))
 
 
 def _cmd_tenant(args: argparse.Namespace) -> int:

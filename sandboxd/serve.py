@@ -46,6 +46,7 @@ class ServeOptions:
     warm_containers: int = 2
     grace_s: float = 30.0
     log_level: str = "info"
+    callback_hosts: tuple[str, ...] = ()  # where Judge0 callback_urls may point (see api/callbacks.py)
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -118,7 +119,7 @@ async def serve(options: ServeOptions) -> int:
         draining = False
         context = ServiceContext(scheduler=scheduler, reader=reader, policy=default_limit_policy(),
                                  images=lambda: available_images(state_dir), metrics=metrics, log=log,
-                                 draining=lambda: draining, judge=judge)
+                                 draining=lambda: draining, judge=judge, callback_hosts=options.callback_hosts)
         runner = web.AppRunner(create_app(context), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, options.host, options.port, reuse_address=True)

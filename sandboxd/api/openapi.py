@@ -238,7 +238,9 @@ def openapi_document() -> dict[str, Any]:
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "sandboxd", "version": "1", "description": "Run untrusted code in sandboxes; account per tenant."},
+        "info": {"title": "sandboxd", "version": "1", "description": (
+            "Run untrusted code in sandboxes; account per tenant. Judge0's API (1.13.1) is also served "
+            "under /judge0/ and Piston's (v2) under /piston/, as their projects document them.")},
         "paths": paths,
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

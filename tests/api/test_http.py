@@ -257,8 +257,9 @@ def test_openapi_describes_every_route(api):
     document = api.request("GET", "/openapi.json", api.keys["alice"]).json()
     assert document["openapi"].startswith("3.")
     context = ServiceContext(*([None] * 7))  # the router is all this test reads
+    # Judge0's and Piston's APIs are theirs: their own projects document them.
     served = {(route.resource.canonical, route.method.lower()) for route in create_app(context).router.routes()
-              if route.method != "HEAD"}
+              if route.method != "HEAD" and not route.resource.canonical.startswith(("/judge0/", "/piston/"))}
     described = {(path, method) for path, item in document["paths"].items() for method in item}
     assert served == described
 
