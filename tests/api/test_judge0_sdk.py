@@ -22,6 +22,10 @@ def service(tmp_path_factory):
     key = add_tenant(state_dir, "sdk")
     service = Service(state_dir, "--warm", "1").start()
     service.key = key
+    # The SDK's client reads /languages at once, within httpx's 5 s: wait for the start-up
+    # probes first (minutes under the VM lane's emulation), as README tells deployments to.
+    ready = service.request("GET", "/v1/languages?wait=true&timeout=280", key, timeout_s=300)
+    assert ready.status == 200 and all(language["status"] != "probing" for language in ready.json()["languages"])
     yield service
     assert service.stop() == 0, service.log()
     assert service_leftovers(state_dir) == []
