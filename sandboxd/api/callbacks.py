@@ -108,6 +108,18 @@ class CallbackAllowlist:
         return f"host {host} is not in this service's callback allowlist"
 
 
+def permitted_addresses(allowlist: CallbackAllowlist, host: str,
+                        resolved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of the addresses `host` resolved to, those a callback may connect to: all of them for
+    a host the allowlist names, only public ones otherwise (OSError if none is)."""
+    if allowlist.named(host):
+        return resolved
+    public = [address for address in resolved if is_public_address(address["host"])]
+    if not public:
+        raise OSError(f"{host} resolves to no public address")
+    return public
+
+
 class _AllowlistResolver(ThreadedResolver):
     """Resolves a callback's host to the addresses it may connect to: all of them for a host
     the allowlist names, only public ones otherwise. The connection uses exactly these, so a
@@ -119,13 +131,7 @@ class _AllowlistResolver(ThreadedResolver):
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[dict[str, Any]]:
-        results = await super().resolve(host, port, family)
-        if self._allowlist.named(host):
-            return results
-        public = [result for result in results if is_public_address(result["host"])]
-        if not public:
-            raise OSError(f"{host} resolves to no public address")
-        return public
+        return permitted_addresses(self._allowlist, host, await super().resolve(host, port, family))
 
 
 class CallbackSender:

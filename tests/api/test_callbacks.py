@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from sandboxd.api.callbacks import CallbackAllowlist, _AllowlistResolver, is_public_address, normalize_callback_host
+from sandboxd.api.callbacks import (CallbackAllowlist, _AllowlistResolver, is_public_address, normalize_callback_host,
+                                    permitted_addresses)
 
 
 def test_the_allowlist_names_hosts_and_star_admits_only_public_addresses():
@@ -31,12 +32,28 @@ def test_the_allowlist_names_hosts_and_star_admits_only_public_addresses():
             normalize_callback_host(entry)
 
 
-def test_a_host_allowed_only_by_star_must_resolve_to_public_addresses():
-    # An address resolves to itself without a name service (the VM lane has no `localhost`).
-    async def resolve(allowlist: CallbackAllowlist) -> list:
-        return await _AllowlistResolver(allowlist).resolve("127.0.0.1", 80)
+def resolved(*hosts: str) -> list[dict]:
+    """Addresses as aiohttp's resolvers give them."""
+    return [{"hostname": "hooks.example.org", "host": host, "port": 443, "family": 0, "proto": 0, "flags": 0}
+            for host in hosts]
 
+
+def test_a_host_allowed_only_by_star_may_connect_only_to_its_public_addresses():
+    # The name service itself is not asked here: the VM lane has no network, and there
+    # getaddrinfo (AI_ADDRCONFIG) resolves nothing at all.
+    star = CallbackAllowlist.parse(["*"])
+    mixed = resolved("10.0.0.7", "93.184.216.34", "::1", "2606:4700::1111")
+    assert [address["host"] for address in permitted_addresses(star, "hooks.example.org", mixed)] == [
+        "93.184.216.34", "2606:4700::1111"]
     with pytest.raises(OSError, match="no public address"):
-        asyncio.run(resolve(CallbackAllowlist.parse(["*"])))
-    addresses = asyncio.run(resolve(CallbackAllowlist.parse(["127.0.0.1"])))
-    assert [address["host"] for address in addresses] == ["127.0.0.1"]
+        permitted_addresses(star, "hooks.example.org", resolved("127.0.0.1", "169.254.169.254"))
+    named = CallbackAllowlist.parse(["hooks.example.org"])
+    assert permitted_addresses(named, "Hooks.Example.org", mixed) == mixed
+
+
+def test_the_resolver_of_callbacks_applies_the_allowlist():
+    async def resolve() -> list:
+        return await _AllowlistResolver(CallbackAllowlist.parse(["*"])).resolve("localhost", 80)
+
+    with pytest.raises(OSError):  # loopback only, or no name service at all: never connected to
+        asyncio.run(resolve())
